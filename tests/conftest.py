@@ -9,3 +9,45 @@ if os.environ.get("NLA_TEST_GPU") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smol_path():
+    """The embedded SmolLM2, converted once to the safetensors cache (~15 s the first time)."""
+    from nla.models import resolve
+    return resolve("smollm2")[0]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smol_path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(smol_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory, tokenizer):
+    """A random 4-block Llama (d=64) with the real SmolLM2 tokenizer, as a model directory."""
+    from nla.models import tiny_llama
+    return tiny_llama(tmp_path_factory.mktemp("tiny") / "model", tokenizer, n_layers=4, d_model=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_path):
+    from nla.models import load_base
+    return load_base(tiny_path, device="cpu")
+
+
+@pytest.fixture()
+def small_corpus(tmp_path):
+    """Twelve short documents in a .jsonl file."""
+    import json
+    words = ("the river ran past the old mill while children counted boats and the baker "
+             "sold warm bread to travellers who argued about the weather and the price of salt").split()
+    p = tmp_path / "corpus.jsonl"
+    with open(p, "w") as f:
+        for i in range(12):
+            text = " ".join(words[(i * 3 + j) % len(words)] for j in range(30 + 4 * i))
+            f.write(json.dumps({"text": f"Document {i}: {text}."}) + "\n")
+    return str(p)

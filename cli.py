@@ -1,0 +1,88 @@
+"""`nla-cli`: the three verbs (collect, train, explain) plus eval, as a thin typer app.
+
+Every option is a field of a config dataclass in nla/config.py: this file only turns fields
+into flags, builds the config (which validates itself) and calls one function per verb.
+NLAErrors print as one line and exit 2; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import sys
+import typing
+
+import typer
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from nla import LAYER_CONVENTION  # noqa: E402
+from nla.errors import NLAError  # noqa: E402
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help=f"Natural Language Autoencoders on one GPU. Layer L = {LAYER_CONVENTION}.")
+
+
+@app.callback()
+def _group():
+    """Keeps typer in multi-command mode (`nla-cli VERB ...`) whatever verbs are registered."""
+
+
+def _command(name: str, cfg_cls, run, doc: str):
+    """Register a typer command whose parameters are the dataclass's fields."""
+    hints = typing.get_type_hints(cfg_cls)
+    params = []
+    for f in dataclasses.fields(cfg_cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.metadata.get("argument"):
+            info = typer.Argument(default if default is not None else ..., help=f.metadata.get("help"))
+        else:
+            info = typer.Option(default, "--" + f.name.replace("_", "-"), help=f.metadata.get("help"))
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=hints[f.name]))
+
+    def cmd(**kwargs):
+        try:
+            run(cfg_cls(**kwargs))
+        except NLAError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+
+    cmd.__signature__ = inspect.Signature(params)
+    cmd.__doc__ = doc
+    cmd.__name__ = name
+    app.command(name)(cmd)
+
+
+def _collect(cfg):
+    from nla.collect import collect
+    collect(cfg)
+
+
+def _register():
+    from nla import config
+    _command("collect", config.CollectConfig, _collect,
+             f"Activations of a model at a layer, from a text corpus, to shards on disk. Layer L = {LAYER_CONVENTION}.")
+    for name, cls_name, mod, fn, doc in (
+        ("train", "TrainConfig", "nla.train", "train", "Warm start (summaries, AR SFT, AV SFT), then GRPO with the AR trained alongside."),
+        ("explain", "ExplainConfig", "nla.explain", "explain", "Explain each chosen token's activation, with reconstruction scores."),
+        ("eval", "EvalConfig", "nla.evaluate", "evaluate", "FVE and cosine of an NLA against baselines, as markdown + JSON + PNG."),
+    ):
+        cls = getattr(config, cls_name, None)
+        if cls is None:
+            continue
+
+        def run(cfg, mod=mod, fn=fn):
+            import importlib
+            getattr(importlib.import_module(mod), fn)(cfg)
+        _command(name, cls, run, doc)
+
+
+_register()
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
