@@ -56,3 +56,66 @@ def to_dict(cfg) -> dict:
 
 def field_help(cls) -> dict[str, str]:
     return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+PRESETS = {
+    # the embedded model and corpus end to end on 2 CPU cores in under 15 minutes
+    "cpu-smoke": dict(n_warm=96, sft_ar_steps=24, sft_av_steps=24, sft_batch=8, rank_av=8, rank_ar=8,
+                      rl_steps=10, rl_batch=4, group=4, max_new=40, eval_every=5, eval_n=24, eval_max_new=40,
+                      summary_max_new=64, save_every=5),
+    # the reference's settings scaled to one GPU with LoRA adapters
+    "gpu": dict(n_warm=0, sft_ar_steps=400, sft_av_steps=400, sft_batch=32, rank_av=64, rank_ar=64,
+                rl_steps=300, rl_batch=32, group=8, max_new=150, eval_every=25, eval_n=128, eval_max_new=150,
+                summary_max_new=128, save_every=25, micro_batch=64),
+}
+
+
+@dataclass
+class TrainConfig:
+    acts: str = opt("runs/smollm2-L20/acts", "activation dataset from `nla-cli collect`")
+    out: str = opt("runs/smollm2-L20", "run directory: warmstart/, checkpoints sft/ and rl/, metrics.jsonl, plot")
+    preset: str = opt("", "cpu-smoke or gpu: overrides every option still at its default")
+    model: str = opt("", "base model (default: the one recorded in the activation dataset)")
+    summarizer: str = opt("", "instruct model writing warm-start summaries (default: the base model itself)")
+    n_warm: int = opt(0, "use at most this many vectors per warm-start split (0 = all)")
+    summary_max_new: int = opt(96, "token cap for each warm-start summary")
+    rank_av: int = opt(16, "LoRA rank of the AV adapter")
+    rank_ar: int = opt(16, "LoRA rank of the AR adapter")
+    sft_ar_steps: int = opt(100, "AR warm-start steps")
+    sft_av_steps: int = opt(100, "AV warm-start steps")
+    sft_batch: int = opt(16, "warm-start batch size")
+    sft_lr: float = opt(3e-4, "warm-start learning rate (adapters and AR head)")
+    rl_steps: int = opt(100, "GRPO iterations")
+    rl_batch: int = opt(8, "activations per RL step (global, across ranks)")
+    group: int = opt(4, "explanations sampled per activation (G)")
+    max_new: int = opt(64, "length cap of an explanation in tokens (cut = reward -2)")
+    temperature: float = opt(1.0, "sampling temperature in RL")
+    av_lr: float = opt(3e-5, "AV learning rate in RL")
+    ar_lr: float = opt(1e-4, "AR learning rate in RL")
+    kl_coef: float = opt(0.01, "KL penalty toward the warm-start AV")
+    clip_eps: float = opt(0.2, "PPO ratio clip")
+    micro_batch: int = opt(0, "unused on CPU; rows per forward on GPU (0 = whole batch)")
+    eval_every: int = opt(20, "held-out FVE every N RL steps")
+    eval_n: int = opt(64, "held-out activations used for FVE")
+    eval_max_new: int = opt(64, "length cap of held-out explanations (greedy)")
+    save_every: int = opt(10, "RL checkpoint every N steps")
+    injection_mode: str = opt("replace", "replace (embedding at the placeholder) or add (at block 1)")
+    injection_scale: float = opt(0.0, "norm of the injected vector (0 = the dataset's suggestion)")
+    device: str = opt("auto", "auto, cpu, cuda, ...")
+    load_in_4bit: bool = opt(False, "4-bit nf4 frozen base (bitsandbytes); adapters and head stay fp32")
+    seed: int = opt(0, "seed")
+
+    def __post_init__(self):
+        if self.preset:
+            _check(self.preset in PRESETS, f"--preset must be one of {', '.join(PRESETS)}")
+            defaults = TrainConfig.__dataclass_fields__
+            for k, v in PRESETS[self.preset].items():
+                if getattr(self, k) == defaults[k].default:
+                    setattr(self, k, v)
+        _check(self.group >= 2, "--group must be >= 2 (GRPO standardises within a group)")
+        _check(self.rl_batch >= 1 and self.sft_batch >= 1, "batch sizes must be >= 1")
+        _check(self.max_new >= 4, "--max-new must be >= 4")
+        _check(self.injection_mode in ("replace", "add"), "--injection-mode must be replace or add")
+        _check(min(self.rank_av, self.rank_ar) >= 1, "LoRA ranks must be >= 1")
+        _check(self.temperature > 0, "--temperature must be > 0 in RL")
+        _check(self.eval_every >= 1 and self.save_every >= 1, "--eval-every and --save-every must be >= 1")

@@ -48,6 +48,7 @@ def save_tensors(path, tensors: dict, metadata: dict | None = None) -> None:
 
 def append_jsonl(path, rows: list[dict]) -> None:
     """Append whole lines and fsync; a torn last line is skipped by read_jsonl."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")

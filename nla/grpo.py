@@ -1,0 +1,82 @@
+"""One RL iteration: sample, score with the current AR, step the AR, step the AV by GRPO.
+
+    1. G explanations per activation from the AV at temperature 1.
+    2. Reward = -MSE of the CURRENT AR's reconstruction; unclosed or capped ones get -2.0
+       and are not fed to the AR.
+    3. One regression step on the AR with these explanations (a frozen AR gets gamed).
+    4. One GRPO step on the AV: group-standardised advantages, clipped ratio, KL to the
+       frozen warm-start AV ("ref"), token-level averaging over the global batch.
+With one update per batch the ratio is exactly 1 (the clip is inert); it is kept so that
+more epochs per batch would be correct.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from . import dist, lora
+from .reconstructor import reconstruct
+from .reward import mse, score
+from .verbalizer import generate, response_logprobs
+
+
+def rl_step(base, spec, head, vectors, opt_av, opt_ar, G: int, max_new: int, temperature: float = 1.0,
+            kl_coef: float = 0.01, clip_eps: float = 0.2, generator=None) -> dict:
+    t0 = time.time()
+    vecs = vectors.repeat_interleave(G, 0).to(base.device)  # this rank's activations, G rows each
+    samples = generate(base, spec, vecs, max_new, temperature, generator=generator)
+    return update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps, t0)
+
+
+def update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps, t0=None) -> dict:
+    t0 = t0 or time.time()
+    ok = torch.tensor([s.ok for s in samples], device=vecs.device)
+    texts = [s.text for s in samples]
+    good = ok.nonzero().flatten().tolist()
+    pred = torch.zeros_like(vecs, dtype=torch.float32)
+    if good:
+        with torch.no_grad():
+            pred[good] = reconstruct(base, spec, head, [texts[i] for i in good])
+    stats = score(pred, vecs, spec.mse_mean, G, valid=ok)
+
+    # AR: one regression step on the fresh explanations
+    ar_params = lora.params(base.model, "ar") + list(head.parameters())
+    n_good = dist.sum_(torch.tensor(float(len(good))))
+    opt_ar.zero_grad(set_to_none=True)
+    ar_loss = torch.tensor(0.0)
+    if good:
+        ar_loss = mse(reconstruct(base, spec, head, [texts[i] for i in good]), vecs[good]).sum() / n_good.clamp_min(1)
+        ar_loss.backward()
+    dist.sum_grads(ar_params)
+    if n_good > 0:
+        opt_ar.step()
+
+    # AV: one GRPO step
+    av_params = lora.params(base.model, "av")
+    lp, mask = response_logprobs(base, spec, vecs, [s.ids for s in samples], "av")
+    with torch.no_grad():
+        ref, _ = response_logprobs(base, spec, vecs, [s.ids for s in samples], "ref")
+    old = lp.detach()
+    ratio = torch.exp(lp - old)
+    adv = stats.advantage.to(lp.device)[:, None]
+    pg = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    log_r = ref - lp
+    kl = torch.exp(log_r) - log_r - 1  # k3 estimator: unbiased, non-negative
+    n_tok = dist.sum_(mask.sum().float())
+    loss = ((pg + kl_coef * kl) * mask).sum() / n_tok
+    opt_av.zero_grad(set_to_none=True)
+    loss.backward()
+    dist.sum_grads(av_params)
+    opt_av.step()
+
+    groups = stats.reward.view(-1, G)
+    zero = (groups.max(1).values == groups.min(1).values).float()
+    s = lambda x: float(dist.sum_(torch.as_tensor(x, dtype=torch.float32).detach().cpu()))  # noqa: E731
+    n = s(len(samples))
+    r_mean = s(stats.reward.sum()) / n
+    return dict(
+        reward_mean=r_mean, reward_std=(s((stats.reward ** 2).sum()) / n - r_mean ** 2) ** 0.5,
+        train_fve=s(stats.fve[ok].sum()) / max(1.0, float(n_good)), ar_loss=float(dist.sum_(ar_loss.detach().cpu())),
+        kl=s((kl.detach() * mask).sum()) / float(n_tok), expl_len=float(n_tok) / n,
+        fail_frac=1 - float(n_good) / n, zero_spread=s(zero.sum()) / s(len(zero)), step_time=time.time() - t0)

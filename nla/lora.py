@@ -1,0 +1,116 @@
+"""Low-rank adapters on the frozen base, one set per role, switched by name.
+
+One base serves every role: target (no adapter), AV ("av"), KL reference ("ref", a frozen
+copy of the warm-start AV) and AR ("ar"). Each wrapped projection holds all adapters; a switch
+shared by the whole model says which one is live. Adapters stay fp32 whatever the base is
+(bf16 or bitsandbytes 4-bit), which is what keeps small updates from rounding away.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class _Switch:
+    active: str | None = None
+
+
+class Adapter(nn.Module):
+    def __init__(self, d_in: int, d_out: int, rank: int, alpha: float):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(rank, d_in))
+        self.B = nn.Parameter(torch.zeros(d_out, rank))  # zero: a new adapter starts as a no-op
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.scale = alpha / rank
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Module, switch: _Switch):
+        super().__init__()
+        self.base = base
+        self.switch = switch
+        self.adapters = nn.ModuleDict()
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+
+    def forward(self, x):
+        y = self.base(x)
+        a = self.adapters[self.switch.active] if self.switch.active in self.adapters else None
+        if a is None:
+            return y
+        return y + ((x.to(a.A.dtype) @ a.A.t()) @ a.B.t() * a.scale).to(y.dtype)
+
+
+def _wrapped(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def attach(model: nn.Module, roles: dict[str, int], alpha_over_rank: float = 2.0, targets=TARGETS) -> None:
+    """Wrap every target projection of every decoder block and give it an adapter per role
+    (roles: name -> rank). Idempotent per role."""
+    switch = getattr(model, "_nla_switch", None)
+    if switch is None:
+        switch = _Switch()
+        model._nla_switch = switch
+        for name, mod in list(model.named_modules()):
+            for child_name, child in list(mod.named_children()):
+                if child_name in targets and hasattr(child, "in_features") and not isinstance(child, LoRALinear):
+                    setattr(mod, child_name, LoRALinear(child, switch))
+    dev = model.get_input_embeddings().weight.device
+    for _, m in _wrapped(model):
+        for role, rank in roles.items():
+            if role not in m.adapters:
+                m.adapters[role] = Adapter(m.in_features, m.out_features, rank, alpha_over_rank * rank).to(dev)
+
+
+@contextlib.contextmanager
+def use(model: nn.Module, role: str | None):
+    """Run the block with adapter `role` live (None = the plain target model)."""
+    switch = getattr(model, "_nla_switch", None)
+    if switch is None:
+        if role is not None:
+            raise RuntimeError(f"no adapters attached; cannot use role {role!r}")
+        yield
+        return
+    prev, switch.active = switch.active, role
+    try:
+        yield
+    finally:
+        switch.active = prev
+
+
+def params(model: nn.Module, role: str) -> list[nn.Parameter]:
+    return [p for _, m in _wrapped(model) for p in m.adapters[role].parameters()]
+
+
+def state(model: nn.Module, role: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for n, m in _wrapped(model):
+        out[f"{n}.A"] = m.adapters[role].A.detach()
+        out[f"{n}.B"] = m.adapters[role].B.detach()
+    return out
+
+
+def load_state(model: nn.Module, role: str, sd: dict[str, torch.Tensor]) -> None:
+    mods = dict(_wrapped(model))
+    want = {f"{n}.{k}" for n in mods for k in "AB"}
+    if set(sd) != want:
+        missing = sorted(want - set(sd))[:2] or sorted(set(sd) - want)[:2]
+        raise ValueError(f"adapter '{role}' does not fit this model (e.g. {missing})")
+    with torch.no_grad():
+        for key, t in sd.items():
+            n, k = key.rsplit(".", 1)
+            getattr(mods[n].adapters[role], k).copy_(t)
+
+
+def copy_role(model: nn.Module, src: str, dst: str) -> None:
+    load_state(model, dst, state(model, src))
+
+
+def rank_of(model: nn.Module, role: str) -> int:
+    return _wrapped(model)[0][1].adapters[role].A.shape[0]

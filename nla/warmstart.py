@@ -1,0 +1,79 @@
+"""Warm-start data: for each sampled position, a short summary of what a language model is
+"thinking about" at the end of the text prefix, written by an instruct model.
+
+Without it the AV emits nonsense and RL can degenerate (nla-method.md). The summarizer is the
+target itself by default (no adapter live), or any instruct model. Summaries are cached in a
+jsonl keyed by (doc, pos) and appended batch by batch, so a killed run loses at most a batch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import lora
+from .io import append_jsonl, read_jsonl
+
+PROMPT = (
+    "Here is the end of a text:\n\n\"...{tail}\"\n\n"
+    "List 2 or 3 short features that a language model reading this text would be thinking about at its "
+    "last word, in under 80 words in total, one per line. The last feature must be about the final "
+    "token, \"{token}\".")
+TAIL_CHARS = 400
+MAX_WORDS = 100
+
+
+def _tail(prefix: str) -> str:
+    return prefix[-TAIL_CHARS:].lstrip()
+
+
+def clean(text: str, token: str) -> str:
+    words = text.replace("\r", "").strip().split()
+    if not words:  # a summarizer that says nothing still yields a true statement, not a blank
+        return f'The final token is "{token.strip()}".'
+    return " ".join(words[:MAX_WORDS])
+
+
+@torch.no_grad()
+def summarise(base, prefixes: list[str], tokens: list[str], max_new: int = 96, batch_size: int = 16,
+              desc: str = "summaries") -> list[str]:
+    tok, model = base.tokenizer, base.model
+    out = []
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        for i in tqdm(range(0, len(prefixes), batch_size), desc=desc, leave=False):
+            chunk = list(zip(prefixes[i:i + batch_size], tokens[i:i + batch_size]))
+            texts = []
+            for prefix, token in chunk:
+                msg = PROMPT.format(tail=_tail(prefix), token=token.strip() or token)
+                texts.append(tok.apply_chat_template([{"role": "user", "content": msg}], tokenize=False,
+                                                     add_generation_prompt=True) if tok.chat_template else msg + "\n")
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(base.device)
+            with lora.use(model, None):
+                gen = model.generate(**enc, max_new_tokens=max_new, do_sample=False, repetition_penalty=1.1,
+                                     pad_token_id=tok.pad_token_id)
+            for (prefix, token), g in zip(chunk, gen[:, enc["input_ids"].shape[1]:]):
+                out.append(clean(tok.decode(g, skip_special_tokens=True), token))
+    finally:
+        tok.padding_side = side
+    return out
+
+
+def build(base, acts, path: Path, batch_size: int = 16, max_new: int = 96) -> list[str]:
+    """Summaries for every row of `acts`, cached in `path` (jsonl); resumes where it stopped."""
+    keys = [f"{int(d)}:{int(p)}" for d, p in zip(acts.doc_id, acts.pos)]
+    have = {r["key"]: r["summary"] for r in read_jsonl(path, repair=True)}
+    todo = [i for i, k in enumerate(keys) if k not in have]
+    if todo:
+        print(f"[nla] warm start: writing {len(todo)} summaries ({len(have)} cached) with {base.name}")
+    tokens = [base.tokenizer.decode([int(t)]) for t in acts.token_id]
+    for s in range(0, len(todo), batch_size * 4):
+        idx = todo[s:s + batch_size * 4]
+        texts = summarise(base, [acts.prefixes[i] for i in idx], [tokens[i] for i in idx], max_new, batch_size,
+                          desc=f"summaries {s + len(idx)}/{len(todo)}")
+        rows = [{"key": keys[i], "token": tokens[i], "summary": t} for i, t in zip(idx, texts)]
+        append_jsonl(path, rows)
+        have.update({r["key"]: r["summary"] for r in rows})
+    return [have[k] for k in keys]

@@ -1,0 +1,203 @@
+"""The training pieces on a tiny random Llama: placeholder, injection, adapters, AV, AR, reward,
+one GRPO update, checkpoints."""
+import math
+
+import pytest
+import torch
+
+from nla import checkpoint, lora
+from nla.errors import NLAError
+from nla.inject import injected, locate
+from nla.models import load_base, residual
+from nla.reconstructor import ARHead, reconstruct
+from nla.reward import FAIL_REWARD, mse, score
+from nla.spec import NLASpec, build_spec, choose_placeholder
+from nla.verbalizer import Sample, generate, response_logprobs, target_ids
+
+META = {"injection_scale": 3.0, "mse_mean": {"train": 1.5}}
+
+
+@pytest.fixture()
+def nla_base(tiny_path):
+    base = load_base(tiny_path, device="cpu")
+    lora.attach(base.model, {"av": 4, "ref": 4, "ar": 4})
+    return base
+
+
+def spec_for(base, mode="replace"):
+    return build_spec(base, 2, META, mode, 4, 4)
+
+
+def test_placeholder_is_one_token_found_by_checking(tokenizer):
+    ch, pid, nb, prompt = choose_placeholder(tokenizer)
+    assert tokenizer.encode(ch, add_special_tokens=False) == [pid]
+    assert prompt.count(pid) == 1 and len(nb) == 2
+    assert (ch, pid) == ("§", 31854)  # measured in environment.md for SmolLM2
+
+
+def test_locate_is_strict(nla_base):
+    spec = spec_for(nla_base)
+    ids = torch.tensor([spec.av_prompt_ids] * 3)
+    slots = locate(ids, spec, 3)
+    assert (slots >= 0).sum() == 3 and slots.max() == 2
+    with pytest.raises(NLAError, match="placeholder count mismatch"):
+        locate(ids, spec, 2)
+    broken = ids.clone()
+    broken[1, spec.av_prompt_ids.index(spec.placeholder_id)] = 11
+    with pytest.raises(NLAError, match="placeholder count mismatch"):
+        locate(broken, spec, 3)
+
+
+@pytest.mark.parametrize("mode", ["replace", "add"])
+def test_injection_modes(nla_base, mode):
+    spec = spec_for(nla_base, mode)
+    model = nla_base.model
+    ids = torch.tensor([spec.av_prompt_ids] * 2)
+    p = spec.av_prompt_ids.index(spec.placeholder_id)
+    v = torch.randn(2, nla_base.d_model)
+    with torch.no_grad(), injected(model, ids, v, spec) as emb:
+        h1 = residual(model, 1, inputs_embeds=emb)
+    plain = model.get_input_embeddings()(ids)
+    with torch.no_grad():
+        h1_plain = residual(model, 1, inputs_embeds=plain)
+    if mode == "replace":
+        torch.testing.assert_close(emb[:, p], v * spec.injection_scale / v.norm(dim=-1, keepdim=True))
+        others = torch.ones(ids.shape[1], dtype=torch.bool)
+        others[p] = False
+        torch.testing.assert_close(emb[:, others], plain[:, others])
+    else:
+        torch.testing.assert_close(emb, plain)
+        hp = h1_plain[:, p]
+        torch.testing.assert_close(h1[:, p], hp + hp.norm(dim=-1, keepdim=True) * v / v.norm(dim=-1, keepdim=True))
+        torch.testing.assert_close(h1[:, :p], h1_plain[:, :p])
+    # the hook is gone afterwards
+    with torch.no_grad():
+        torch.testing.assert_close(residual(model, 1, inputs_embeds=plain), h1_plain)
+
+
+def test_adapters_switch_save_and_copy(nla_base):
+    model, ids = nla_base.model, torch.randint(0, 500, (1, 7))
+    with torch.no_grad():
+        plain = model(ids).logits
+        with lora.use(model, "av"):
+            torch.testing.assert_close(model(ids).logits, plain)  # B = 0: a new adapter is a no-op
+        for p in lora.params(model, "av"):
+            p.add_(torch.randn_like(p) * 0.05)
+        with lora.use(model, "av"):
+            changed = model(ids).logits
+        assert not torch.allclose(changed, plain)
+        with lora.use(model, "ar"):
+            torch.testing.assert_close(model(ids).logits, plain)
+    lora.copy_role(model, "av", "ref")
+    with torch.no_grad(), lora.use(model, "ref"):
+        torch.testing.assert_close(model(ids).logits, changed)
+    with pytest.raises(ValueError):
+        lora.load_state(model, "ar", {"x.A": torch.zeros(1)})
+
+
+def test_ar_identity_head_and_grads_reach_only_ar(nla_base):
+    spec = spec_for(nla_base)
+    head = ARHead(nla_base.d_model)
+    assert torch.equal(head.weight, torch.eye(nla_base.d_model))
+    texts = ["a cat on a mat", "the stock market fell sharply today"]
+    pred = reconstruct(nla_base, spec, head, texts)
+    assert pred.shape == (2, nla_base.d_model)
+    mse(pred, torch.randn(2, nla_base.d_model)).mean().backward()
+    ar = lora.params(nla_base.model, "ar")
+    assert all(p.grad is not None for p in ar[:2])  # block 0
+    assert all(p.grad is None for p in ar[-2:])  # block 3 lies beyond the early exit at L=2
+    assert all(p.grad is None for p in lora.params(nla_base.model, "av"))
+    assert head.weight.grad is not None
+    # padding does not change a row's reconstruction
+    with torch.no_grad():
+        alone = reconstruct(nla_base, spec, head, texts[:1])
+        torch.testing.assert_close(reconstruct(nla_base, spec, head, texts)[:1], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_generate_and_logprobs_agree_with_plain_forward(nla_base):
+    spec = spec_for(nla_base)
+    v = torch.randn(3, nla_base.d_model)
+    g = torch.Generator().manual_seed(0)
+    samples = generate(nla_base, spec, v, max_new=6, temperature=1.0, generator=g)
+    assert len(samples) == 3 and all(1 <= len(s.ids) <= 6 for s in samples)
+    assert all(not s.ok for s in samples if len(s.ids) == 6 and "</explanation>" not in s.text)
+    lp, mask = response_logprobs(nla_base, spec, v, [s.ids for s in samples], "av")
+    model = nla_base.model
+    for i, s in enumerate(samples):  # same numbers from a plain full-vocab forward of one row
+        ids = torch.tensor([spec.av_prompt_ids + s.ids])
+        with torch.no_grad(), lora.use(model, "av"), injected(model, ids, v[i:i + 1], spec) as emb:
+            logits = model(inputs_embeds=emb).logits[0]
+        P = len(spec.av_prompt_ids)
+        ref = torch.log_softmax(logits[P - 1:-1].float(), -1).gather(1, torch.tensor(s.ids)[:, None]).flatten()
+        torch.testing.assert_close(lp[i, :len(s.ids)].detach(), ref, rtol=1e-4, atol=1e-4)
+        assert mask[i].sum() == len(s.ids)
+    # greedy decoding is deterministic
+    a = generate(nla_base, spec, v, max_new=5, temperature=0.0)
+    b = generate(nla_base, spec, v, max_new=5, temperature=0.0)
+    assert [s.ids for s in a] == [s.ids for s in b]
+
+
+def test_reward_arithmetic():
+    d = 37
+    t = torch.randn(8, d)
+    p = torch.randn(8, d)
+    m = mse(p, t)
+    cos = torch.nn.functional.cosine_similarity(p, t, dim=-1)
+    torch.testing.assert_close(m, 2 * (1 - cos), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(mse(t * 5.0, t), torch.zeros(8), atol=1e-6)
+    valid = torch.tensor([True] * 6 + [False] * 2)
+    st = score(p, t, 1.5, group_size=4, valid=valid)
+    assert torch.allclose(st.reward[6:], torch.tensor([FAIL_REWARD] * 2))
+    torch.testing.assert_close(st.reward[:6], -m[:6], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(st.fve, 1 - m / 1.5, rtol=1e-5, atol=1e-5)
+    g = st.reward.view(2, 4)
+    torch.testing.assert_close(st.advantage.view(2, 4), (g - g.mean(1, keepdim=True)) / (g.std(1, unbiased=False, keepdim=True) + 1e-6),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_grpo_update_moves_both_and_zero_spread_is_only_kl(nla_base):
+    from nla.grpo import update
+    spec = spec_for(nla_base)
+    head = ARHead(nla_base.d_model)
+    model = nla_base.model
+    lora.copy_role(model, "av", "ref")
+    opt_av = torch.optim.AdamW(lora.params(model, "av"), lr=1e-2)
+    opt_ar = torch.optim.AdamW(lora.params(model, "ar") + list(head.parameters()), lr=1e-2)
+    v = torch.randn(2, nla_base.d_model).repeat_interleave(2, 0)
+    tok = nla_base.tokenizer
+    samples = [Sample(target_ids(tok, t), t, True) for t in ("red apples", "blue sky", "fast cars", "slow")]
+    samples[3] = Sample(tok.encode(" slow", add_special_tokens=False), "slow", False)  # cut: reward -2
+    av0 = [p.detach().clone() for p in lora.params(model, "av")]
+    ar0 = head.weight.detach().clone()
+    m = update(nla_base, spec, head, v, samples, opt_av, opt_ar, G=2, kl_coef=0.01, clip_eps=0.2)
+    assert m["fail_frac"] == 0.25 and 0 <= m["zero_spread"] <= 1
+    assert not torch.equal(head.weight, ar0)
+    assert any(not torch.equal(a, b) for a, b in zip(av0, lora.params(model, "av")))
+    assert m["kl"] == pytest.approx(0.0, abs=1e-6)  # av == ref before the step
+
+
+def test_checkpoint_roundtrip_and_recover(nla_base, tiny_path, tmp_path):
+    spec = spec_for(nla_base)
+    head = ARHead(nla_base.d_model)
+    with torch.no_grad():
+        head.weight.mul_(0.5)
+        for p in lora.params(nla_base.model, "av"):
+            p.normal_()
+    path = tmp_path / "ck"
+    checkpoint.save(path, nla_base, spec, head, info={"stage": "sft"})
+    checkpoint.save(path, nla_base, spec, head, info={"stage": "sft", "again": 1})  # replaces whole
+    other = load_base(tiny_path, device="cpu")
+    spec2, head2, meta = checkpoint.load(path, other)
+    assert spec2 == spec and meta["again"] == 1
+    torch.testing.assert_close(head2.weight, head.weight)
+    for a, b in zip(lora.params(nla_base.model, "av"), lora.params(other.model, "av")):
+        torch.testing.assert_close(a, b)
+    (path).rename(tmp_path / "ck.old")  # a kill between the two renames
+    assert checkpoint.exists(path)
+    (path / "av.safetensors").write_bytes(b"garbage")
+    with pytest.raises(NLAError, match="corrupt"):
+        checkpoint.load(path, load_base(tiny_path, device="cpu"))
+    bad = NLASpec.from_dict({**spec.to_dict(), "d_model": 99})
+    checkpoint.save(tmp_path / "bad", nla_base, bad, head)
+    with pytest.raises(NLAError, match="d_model=99"):
+        checkpoint.load(tmp_path / "bad", load_base(tiny_path, device="cpu"))
