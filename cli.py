@@ -53,28 +53,30 @@ def _command(name: str, cfg_cls, run, doc: str):
     app.command(name)(cmd)
 
 
-def _collect(cfg):
-    from nla.collect import collect
-    collect(cfg)
+VERBS = (  # verb, module, config class, function, help
+    ("collect", "nla.config", "CollectConfig", "nla.collect:collect",
+     f"Activations of a model at a layer, from a text corpus, to shards on disk. Layer L = {LAYER_CONVENTION}."),
+    ("train", "nla.config", "TrainConfig", "nla.train:train",
+     "Warm start (summaries, AR SFT, AV SFT), then GRPO with the AR trained alongside."),
+    ("explain", "nla.explain", "ExplainConfig", "nla.explain:explain",
+     "Explain each chosen token's activation, with the AR's reconstruction score."),
+    ("eval", "nla.evaluate", "EvalConfig", "nla.evaluate:evaluate",
+     "FVE and cosine of an NLA against baselines, as markdown + JSON + PNG."),
+)
 
 
 def _register():
-    from nla import config
-    _command("collect", config.CollectConfig, _collect,
-             f"Activations of a model at a layer, from a text corpus, to shards on disk. Layer L = {LAYER_CONVENTION}.")
-    for name, cls_name, mod, fn, doc in (
-        ("train", "TrainConfig", "nla.train", "train", "Warm start (summaries, AR SFT, AV SFT), then GRPO with the AR trained alongside."),
-        ("explain", "ExplainConfig", "nla.explain", "explain", "Explain each chosen token's activation, with reconstruction scores."),
-        ("eval", "EvalConfig", "nla.evaluate", "evaluate", "FVE and cosine of an NLA against baselines, as markdown + JSON + PNG."),
-    ):
-        cls = getattr(config, cls_name, None)
-        if cls is None:
-            continue
+    import importlib
+    for verb, mod, cls_name, target, doc in VERBS:
+        try:
+            cls = getattr(importlib.import_module(mod), cls_name)
+        except (ImportError, AttributeError):
+            continue  # a verb whose module is not there yet is simply not offered
 
-        def run(cfg, mod=mod, fn=fn):
-            import importlib
-            getattr(importlib.import_module(mod), fn)(cfg)
-        _command(name, cls, run, doc)
+        def run(cfg, target=target):
+            m, f = target.split(":")
+            getattr(importlib.import_module(m), f)(cfg)
+        _command(verb, cls, run, doc)
 
 
 _register()
