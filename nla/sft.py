@@ -40,7 +40,8 @@ def train_ar(base, spec, head, texts, vectors, steps: int, batch: int, lr: float
     return losses
 
 
-def train_av(base, spec, texts, vectors, steps: int, batch: int, lr: float, seed: int = 0, desc="sft AV"):
+def train_av(base, spec, texts, vectors, steps: int, batch: int, lr: float, seed: int = 0, max_len: int = 160,
+             desc="sft AV"):
     tok = base.tokenizer
     params = lora.params(base.model, "av")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -48,7 +49,7 @@ def train_av(base, spec, texts, vectors, steps: int, batch: int, lr: float, seed
     losses = []
     for idx in bar:
         idx = idx[dist.shard(len(idx))]
-        resp = [target_ids(tok, texts[i])[:160] for i in idx]
+        resp = [target_ids(tok, texts[i], max_len) for i in idx]
         lp, mask = response_logprobs(base, spec, vectors[idx], resp, "av")
         n_tok = dist.sum_(mask.sum().float())
         loss = -(lp * mask).sum() / n_tok

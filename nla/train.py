@@ -128,7 +128,7 @@ def train(cfg: TrainConfig) -> dict:
                 append_jsonl(metrics_path, [{"stage": "sft_ar", "step": i + 1, "loss": l} for i, l in enumerate(losses)])
                 checkpoint.save(sft_ar_dir, base, spec, head, roles=("ar",), info={"stage": "sft_ar"})
         losses = sft.train_av(base, spec, summaries["sft_av"], av_data.vectors.float(), cfg.sft_av_steps,
-                              cfg.sft_batch, cfg.sft_lr, cfg.seed)
+                              cfg.sft_batch, cfg.sft_lr, cfg.seed, max_len=cfg.max_new - 4)
         if rank == 0:
             append_jsonl(metrics_path, [{"stage": "sft_av", "step": i + 1, "loss": l} for i, l in enumerate(losses)])
             ev = _evaluate(base, spec, head, held, cfg, shuffled=True)

@@ -71,9 +71,17 @@ def generate(base, spec: NLASpec, vectors: torch.Tensor, max_new: int = 64, temp
     return samples
 
 
-def target_ids(tok, text: str) -> list[int]:
-    """Response ids the AV is trained to write for an explanation text (SFT)."""
-    return tok.encode(" " + text.strip() + CLOSE, add_special_tokens=False)
+def target_ids(tok, text: str, max_len: int | None = None) -> list[int]:
+    """Response ids the AV is trained to write for an explanation text (SFT): the text cut at a
+    word boundary so that it AND the closing tag fit in max_len (an AV that learns targets
+    longer than its RL cap would be cut, and scored -2, on every sample)."""
+    close = tok.encode(CLOSE, add_special_tokens=False)
+    words = text.strip().split()
+    while True:
+        ids = tok.encode(" " + " ".join(words), add_special_tokens=False)
+        if max_len is None or len(ids) + len(close) <= max_len or len(words) <= 1:
+            return (ids + close)[:max_len] if max_len else ids + close
+        words = words[:max(1, len(words) - max(1, (len(ids) + len(close) - max_len) // 2))]
 
 
 def response_logprobs(base, spec: NLASpec, vectors: torch.Tensor, responses: list[list[int]],

@@ -15,12 +15,18 @@ from tqdm import tqdm
 from . import lora
 from .io import append_jsonl, read_jsonl
 
+# One worked example, then the answer's first words prefilled: a 135M summarizer copies the
+# format and stays on the text instead of drifting into generic commentary (measured).
 PROMPT = (
-    "Here is the end of a text:\n\n\"...{tail}\"\n\n"
-    "List 2 or 3 short features that a language model reading this text would be thinking about at its "
-    "last word, in under 80 words in total, one per line. The last feature must be about the final "
-    "token, \"{token}\".")
-TAIL_CHARS = 400
+    "Describe what a reader is thinking about at the very end of a text, in 3 short numbered lines. "
+    "The last line is about the final word.\n\n"
+    "Text: \"...the soup had been simmering since noon, and Grandma lifted the lid to add the\"\n"
+    "1. The text is about cooking soup at home with a grandmother.\n"
+    "2. She is about to add an ingredient to the pot.\n"
+    "3. The final word \"the\" comes right before the name of the ingredient.\n\n"
+    "Text: \"...{tail}\"")
+PREFILL = "1. The text is about"
+TAIL_CHARS = 300
 MAX_WORDS = 100
 
 
@@ -48,14 +54,15 @@ def summarise(base, prefixes: list[str], tokens: list[str], max_new: int = 96, b
             texts = []
             for prefix, token in chunk:
                 msg = PROMPT.format(tail=_tail(prefix), token=token.strip() or token)
-                texts.append(tok.apply_chat_template([{"role": "user", "content": msg}], tokenize=False,
-                                                     add_generation_prompt=True) if tok.chat_template else msg + "\n")
+                texts.append((tok.apply_chat_template([{"role": "user", "content": msg}], tokenize=False,
+                                                      add_generation_prompt=True) if tok.chat_template else msg + "\n")
+                             + PREFILL)
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(base.device)
             with lora.use(model, None):
                 gen = model.generate(**enc, max_new_tokens=max_new, do_sample=False, repetition_penalty=1.1,
                                      pad_token_id=tok.pad_token_id)
             for (prefix, token), g in zip(chunk, gen[:, enc["input_ids"].shape[1]:]):
-                out.append(clean(tok.decode(g, skip_special_tokens=True), token))
+                out.append(clean(PREFILL + tok.decode(g, skip_special_tokens=True), token))
     finally:
         tok.padding_side = side
     return out
