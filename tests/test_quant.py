@@ -52,6 +52,7 @@ def test_backward_through_4bit_matches_dequantised_weight():
     w = torch.randn(48, 64)
     q = bnb.nn.Linear4bit(64, 48, bias=False, quant_type="nf4", compute_dtype=torch.float32)
     q.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4")
+    q = q.to("cpu")  # quantises the weight
     q(torch.randn(1, 64))
     deq = bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).float()
     for shape in [(3, 7, 64), (1, 1, 64), (5, 64)]:
