@@ -66,7 +66,7 @@ PRESETS = {
     # the reference's settings scaled to one GPU with LoRA adapters
     "gpu": dict(n_warm=0, sft_ar_steps=400, sft_av_steps=400, sft_batch=32, rank_av=64, rank_ar=64,
                 rl_steps=300, rl_batch=32, group=8, max_new=150, eval_every=25, eval_n=128, eval_max_new=150,
-                summary_max_new=128, save_every=25, micro_batch=64),
+                summary_max_new=128, save_every=25, micro_batch=32, grad_checkpointing=True),
 }
 
 
@@ -94,7 +94,8 @@ class TrainConfig:
     ar_lr: float = opt(1e-4, "AR learning rate in RL")
     kl_coef: float = opt(0.01, "KL penalty toward the warm-start AV")
     clip_eps: float = opt(0.2, "PPO ratio clip")
-    micro_batch: int = opt(0, "unused on CPU; rows per forward on GPU (0 = whole batch)")
+    micro_batch: int = opt(0, "rows per forward/backward, gradients accumulated (0 = whole batch at once)")
+    grad_checkpointing: bool = opt(False, "recompute blocks in backward to save activation memory (GPU runs)")
     eval_every: int = opt(20, "held-out FVE every N RL steps")
     eval_n: int = opt(64, "held-out activations used for FVE")
     eval_max_new: int = opt(64, "length cap of held-out explanations (greedy)")

@@ -60,3 +60,11 @@ def gather_list(items: list) -> list:
     out = [None] * world()
     dist.all_gather_object(out, items)
     return [x for part in out for x in part]
+
+
+def finish() -> None:
+    """Barrier, then tear the group down: a rank that exits while another still talks makes
+    gloo abort ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -22,22 +22,28 @@ from .verbalizer import generate, response_logprobs
 
 
 def rl_step(base, spec, head, vectors, opt_av, opt_ar, G: int, max_new: int, temperature: float = 1.0,
-            kl_coef: float = 0.01, clip_eps: float = 0.2, generator=None) -> dict:
+            kl_coef: float = 0.01, clip_eps: float = 0.2, generator=None, micro: int = 0) -> dict:
     t0 = time.time()
     vecs = vectors.repeat_interleave(G, 0).to(base.device)  # this rank's activations, G rows each
     samples = generate(base, spec, vecs, max_new, temperature, generator=generator)
-    return update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps, t0)
+    return update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps, t0, micro)
 
 
-def update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps, t0=None) -> dict:
+def _chunks(n: int, micro: int) -> list[slice]:
+    """Row chunks for gradient accumulation: same update, bounded activation memory."""
+    step = micro if micro > 0 else max(n, 1)
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps, t0=None, micro: int = 0) -> dict:
     t0 = t0 or time.time()
     ok = torch.tensor([s.ok for s in samples], device=vecs.device)
     texts = [s.text for s in samples]
     good = ok.nonzero().flatten().tolist()
     pred = torch.zeros_like(vecs, dtype=torch.float32)
-    if good:
-        with torch.no_grad():
-            pred[good] = reconstruct(base, spec, head, [texts[i] for i in good])
+    with torch.no_grad():
+        for c in _chunks(len(good), micro):
+            pred[good[c]] = reconstruct(base, spec, head, [texts[i] for i in good[c]]).float()
     stats = score(pred, vecs, spec.mse_mean, G, valid=ok)
 
     # AR: one regression step on the fresh explanations
@@ -45,28 +51,32 @@ def update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps
     n_good = dist.sum_(torch.tensor(float(len(good))))
     opt_ar.zero_grad(set_to_none=True)
     ar_loss = torch.tensor(0.0)
-    if good:
-        ar_loss = mse(reconstruct(base, spec, head, [texts[i] for i in good]), vecs[good]).sum() / n_good.clamp_min(1)
-        ar_loss.backward()
+    for c in _chunks(len(good), micro):
+        rows = good[c]
+        loss_c = mse(reconstruct(base, spec, head, [texts[i] for i in rows]), vecs[rows]).sum() / n_good.clamp_min(1)
+        loss_c.backward()
+        ar_loss = ar_loss + loss_c.detach().cpu()
     dist.sum_grads(ar_params)
     if n_good > 0:
         opt_ar.step()
 
     # AV: one GRPO step
     av_params = lora.params(base.model, "av")
-    lp, mask = response_logprobs(base, spec, vecs, [s.ids for s in samples], "av")
-    with torch.no_grad():
-        ref, _ = response_logprobs(base, spec, vecs, [s.ids for s in samples], "ref")
-    old = lp.detach()
-    ratio = torch.exp(lp - old)
-    adv = stats.advantage.to(lp.device)[:, None]
-    pg = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
-    log_r = ref - lp
-    kl = torch.exp(log_r) - log_r - 1  # k3 estimator: unbiased, non-negative
-    n_tok = dist.sum_(mask.sum().float())
-    loss = ((pg + kl_coef * kl) * mask).sum() / n_tok
+    n_tok = dist.sum_(torch.tensor(float(sum(len(s.ids) for s in samples))))
     opt_av.zero_grad(set_to_none=True)
-    loss.backward()
+    kl_sum = 0.0
+    for c in _chunks(len(samples), micro):
+        ids = [s.ids for s in samples[c]]
+        lp, mask = response_logprobs(base, spec, vecs[c], ids, "av")
+        with torch.no_grad():
+            ref, _ = response_logprobs(base, spec, vecs[c], ids, "ref")
+        ratio = torch.exp(lp - lp.detach())  # old policy = the sampling policy: one update per batch
+        adv = stats.advantage[c].to(lp.device)[:, None]
+        pg = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+        log_r = ref - lp
+        kl = torch.exp(log_r) - log_r - 1  # k3 estimator: unbiased, non-negative
+        ((pg + kl_coef * kl) * mask).sum().div(n_tok).backward()
+        kl_sum += float((kl.detach() * mask).sum())
     dist.sum_grads(av_params)
     opt_av.step()
 
@@ -78,5 +88,5 @@ def update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps
     return dict(
         reward_mean=r_mean, reward_std=(s((stats.reward ** 2).sum()) / n - r_mean ** 2) ** 0.5,
         train_fve=s(stats.fve[ok].sum()) / max(1.0, float(n_good)), ar_loss=float(dist.sum_(ar_loss.detach().cpu())),
-        kl=s((kl.detach() * mask).sum()) / float(n_tok), expl_len=float(n_tok) / n,
+        kl=s(kl_sum) / float(n_tok), expl_len=float(n_tok) / n,
         fail_frac=1 - float(n_good) / n, zero_spread=s(zero.sum()) / s(len(zero)), step_time=time.time() - t0)

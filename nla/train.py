@@ -109,6 +109,10 @@ def train(cfg: TrainConfig) -> dict:
     if summ_base is not base:
         del summ_base
 
+    if cfg.grad_checkpointing:  # recompute each block in backward: activation memory ~ one block
+        base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.model.train()  # HF only checkpoints in train mode; Llama/Qwen have no dropout to switch on
+
     # 2. SFT: the AR first (it does not need the AV), then the AV
     lora.attach(base.model, {"av": cfg.rank_av, "ref": cfg.rank_av, "ar": cfg.rank_ar})
     for p in lora.params(base.model, "ref"):
@@ -164,7 +168,7 @@ def train(cfg: TrainConfig) -> dict:
         rows = order[(torch.arange(cfg.rl_batch) + step * cfg.rl_batch) % len(rl_data)]
         mine = rows[dist.shard(cfg.rl_batch)]
         m = rl_step(base, spec, head, rl_data.vectors[mine].float(), opt_av, opt_ar, cfg.group, cfg.max_new,
-                    cfg.temperature, cfg.kl_coef, cfg.clip_eps, generator=gen)
+                    cfg.temperature, cfg.kl_coef, cfg.clip_eps, generator=gen, micro=cfg.micro_batch)
         row = {"stage": "rl", "step": step + 1, **m}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.rl_steps:
             if rank == 0:
@@ -182,6 +186,7 @@ def train(cfg: TrainConfig) -> dict:
                 checkpoint.save(rl_dir, base, spec, head, roles=("av", "ar", "ref"),
                                 info={"stage": "rl", "step": step + 1},
                                 state={"opt_av": opt_av.state_dict(), "opt_ar": opt_ar.state_dict(), "gen": gens})
+    dist.finish()
     if rank != 0:
         return {}
     rows = read_jsonl(metrics_path)

@@ -38,6 +38,17 @@ def generate(base, spec: NLASpec, vectors: torch.Tensor, max_new: int = 64, temp
     n = vectors.shape[0]
     ids = _prompt(spec, n, base.device)
     stop_ids = {i for i in (tok.eos_token_id, tok.pad_token_id) if i is not None}
+    was_training = model.training
+    model.eval()  # HF turns the KV cache off under gradient checkpointing in train mode
+    try:
+        return _sample(base, spec, vectors, ids, max_new, temperature, role, generator, stop_ids)
+    finally:
+        model.train(was_training)
+
+
+def _sample(base, spec, vectors, ids, max_new, temperature, role, generator, stop_ids) -> list[Sample]:
+    model, tok = base.model, base.tokenizer
+    n = vectors.shape[0]
     with lora.use(model, role):
         with injected(model, ids, vectors, spec) as emb:
             out = model(inputs_embeds=emb, use_cache=True, logits_to_keep=1)

@@ -134,6 +134,7 @@ opt_ar = torch.optim.SGD(lora.params(base.model, "ar") + list(head.parameters())
 m = update(base, spec, head, vecs[sl], samples[sl], opt_av, opt_ar, G, 0.01, 0.2)
 if dist.rank() == 0:
     torch.save({"av": lora.state(base.model, "av"), "ar": lora.state(base.model, "ar"), "head": head.weight.detach(), "m": m}, out)
+dist.finish()
 '''
 
 

@@ -201,3 +201,31 @@ def test_checkpoint_roundtrip_and_recover(nla_base, tiny_path, tmp_path):
     checkpoint.save(tmp_path / "bad", nla_base, bad, head)
     with pytest.raises(NLAError, match="d_model=99"):
         checkpoint.load(tmp_path / "bad", load_base(tiny_path, device="cpu"))
+
+
+def test_micro_batches_give_the_same_update(tiny_path):
+    from nla.grpo import update
+    results = []
+    for micro in (0, 1, 3):
+        base = load_base(tiny_path, device="cpu")
+        lora.attach(base.model, {"av": 4, "ref": 4, "ar": 4})
+        torch.manual_seed(3)
+        with torch.no_grad():
+            for role in ("av", "ar"):
+                for p in lora.params(base.model, role):
+                    p.normal_(0, 0.02)
+        lora.copy_role(base.model, "av", "ref")
+        spec = spec_for(base)
+        head = ARHead(base.d_model)
+        opt_av = torch.optim.SGD(lora.params(base.model, "av"), lr=0.5)
+        opt_ar = torch.optim.SGD(lora.params(base.model, "ar") + list(head.parameters()), lr=0.5)
+        v = torch.randn(3, base.d_model, generator=torch.Generator().manual_seed(1)).repeat_interleave(2, 0)
+        tok = base.tokenizer
+        samples = [Sample(target_ids(tok, t), t, i != 2) for i, t in enumerate(["a b", "c", "d e f", "g", "h i", "j"])]
+        m = update(base, spec, head, v, samples, opt_av, opt_ar, G=2, kl_coef=0.01, clip_eps=0.2, micro=micro)
+        results.append((lora.state(base.model, "av"), head.weight.detach().clone(), m))
+    for av, hw, m in results[1:]:
+        torch.testing.assert_close(hw, results[0][1], rtol=1e-5, atol=1e-6)
+        for k in av:
+            torch.testing.assert_close(av[k], results[0][0][k], rtol=1e-5, atol=1e-6)
+        assert m["kl"] == pytest.approx(results[0][2]["kl"], abs=1e-6)
