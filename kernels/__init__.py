@@ -1,0 +1,21 @@
+"""Fused kernels of an NLA step, each a Triton kernel beside a plain-torch reference.
+
+    inject_replace / inject_add   activation injection into the AV's embeddings / hidden states
+    reward_stats                  per-row MSE, cosine, FVE, reward and GRPO group advantages
+    token_logprobs                log p(token) for GRPO without a [tokens, vocab] fp32 tensor
+
+The unsuffixed names dispatch (Triton on CUDA, torch on CPU, NLA_KERNELS=torch|triton forces);
+`*_torch` and `*_triton` are the two implementations, with the same signatures, for tests and
+benchmarks. Note: bitsandbytes probes for an unrelated Hugging Face package also called
+`kernels` and finds this one; it falls back quietly, which is harmless.
+"""
+from .dispatch import backend
+from .inject import (inject_add, inject_add_torch, inject_add_triton, inject_replace,
+                     inject_replace_torch, inject_replace_triton)
+from .logprobs import token_logprobs, token_logprobs_torch, token_logprobs_triton
+from .reward import RewardStats, reward_stats, reward_stats_torch, reward_stats_triton
+
+__all__ = ["backend", "inject_add", "inject_add_torch", "inject_add_triton", "inject_replace",
+           "inject_replace_torch", "inject_replace_triton", "token_logprobs", "token_logprobs_torch",
+           "token_logprobs_triton", "RewardStats", "reward_stats", "reward_stats_torch",
+           "reward_stats_triton"]

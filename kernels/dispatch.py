@@ -1,0 +1,55 @@
+"""Which implementation of a kernel runs, decided at every call.
+
+Triton on CUDA tensors, plain torch everywhere else; `NLA_KERNELS=torch|triton` forces one (read
+at each call, so a benchmark can switch in one process). Forcing Triton on CPU tensors only works
+under the interpreter (`TRITON_INTERPRET=1`), which is how CI checks parity without a GPU.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+@functools.cache
+def has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # triton missing or broken: the torch path always works
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def backend(*tensors: torch.Tensor) -> str:
+    forced = os.environ.get("NLA_KERNELS", "").strip().lower()
+    if forced not in ("", "torch", "triton"):
+        raise ValueError(f"NLA_KERNELS must be torch or triton, got {forced!r}")
+    if forced == "torch":
+        return "torch"
+    on_cuda = all(t.is_cuda for t in tensors)
+    if forced == "triton":
+        if not has_triton():
+            raise RuntimeError("NLA_KERNELS=triton but triton is not installed (pip install triton)")
+        if not on_cuda and not interpreting():
+            raise RuntimeError("NLA_KERNELS=triton needs CUDA tensors, or TRITON_INTERPRET=1 on CPU")
+        return "triton"
+    return "triton" if on_cuda and has_triton() else "torch"
+
+
+def empty(shape, dtype, device) -> torch.Tensor:
+    """Output buffers of the Triton paths. With NLA_KERNELS_POISON=1 they start as NaN (or -1),
+    so a parity test sees any element a kernel forgot to write."""
+    if os.environ.get("NLA_KERNELS_POISON") == "1":
+        fill = float("nan") if dtype.is_floating_point else -1
+        return torch.full(shape, fill, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def pow2(n: int, lo: int = 16) -> int:
+    return max(lo, 1 << (max(1, n) - 1).bit_length())
