@@ -8,6 +8,8 @@ the [tokens, vocab] fp32 log-softmax.
 """
 from __future__ import annotations
 
+import inspect
+
 from dataclasses import dataclass
 
 import torch
@@ -46,13 +48,22 @@ def generate(base, spec: NLASpec, vectors: torch.Tensor, max_new: int = 64, temp
         model.train(was_training)
 
 
+def _cache_arg(model) -> str:
+    # transformers 5.2x renamed past_key_values to cache (the old name warns, then goes in 5.40)
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    return out.cache if "cache" in out else out.past_key_values
+
+
 def _sample(base, spec, vectors, ids, max_new, temperature, role, generator, stop_ids) -> list[Sample]:
     model, tok = base.model, base.tokenizer
     n = vectors.shape[0]
     with lora.use(model, role):
         with injected(model, ids, vectors, spec) as emb:
             out = model(inputs_embeds=emb, use_cache=True, logits_to_keep=1)
-        past, logits = out.past_key_values, out.logits[:, -1]
+        past, logits = _cache_of(out), out.logits[:, -1]
         resp = [[] for _ in range(n)]
         done = [False] * n
         closed = [False] * n
@@ -73,8 +84,8 @@ def _sample(base, spec, vectors, ids, max_new, temperature, role, generator, sto
                     done[i] = closed[i] = True
             if all(done):
                 break
-            out = model(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
-            past, logits = out.past_key_values, out.logits[:, -1]
+            out = model(input_ids=nxt[:, None], use_cache=True, **{_cache_arg(model): past})
+            past, logits = _cache_of(out), out.logits[:, -1]
     samples = []
     for r, ok in zip(resp, closed):
         text = tok.decode(r, skip_special_tokens=True)
