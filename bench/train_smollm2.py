@@ -1,8 +1,10 @@
 """Issue 3's numbers: collect + train on the embedded SmolLM2 at layer 20, wall time and
 held-out FVE after the warm start (with the shuffled-vector control) and after RL.
 
-    python bench/train_smollm2.py [--preset cpu-smoke] [--run runs/bench-smoke] [extra train flags...]
+    python bench/train_smollm2.py [--preset cpu-smoke] [--run runs/bench-smoke] [--ship] [extra train flags...]
 Resumable like the verbs it calls; prints one summary block at the end for bench/RESULTS.md.
+--ship copies the final AV and AR (bf16, no KL reference or optimiser state) to
+nla/data/checkpoints/smollm2-L<layer>/, the NLA that `nla-cli explain` uses by default.
 """
 import argparse
 import json
@@ -18,6 +20,7 @@ def main():
     ap.add_argument("--preset", default="cpu-smoke")
     ap.add_argument("--run", default="runs/bench-smoke")
     ap.add_argument("--layer", type=int, default=20)
+    ap.add_argument("--ship", action="store_true")
     a, extra = ap.parse_known_args()
     run = Path(a.run)
     cli = [sys.executable, "-m", "cli"]
@@ -36,6 +39,30 @@ def main():
     print(f"warm start: held-out FVE {ws['heldout_fve']:.3f} (cos {ws['heldout_cos']:.3f}), "
           f"shuffled-vector control FVE {ws['shuffled_fve']:.3f} (cos {ws['shuffled_cos']:.3f})")
     print("held-out FVE by RL step: " + ", ".join(f"{r['step']}: {r['heldout_fve']:.3f}" for r in evals))
+    if a.ship:
+        ship(Path(root) / run / "rl", Path(root) / "nla" / "data" / "checkpoints" / f"smollm2-L{a.layer}", run, a.preset)
+
+
+def ship(src: Path, dst: Path, run: Path, preset: str) -> None:
+    import shutil
+
+    import torch
+    import yaml
+    from safetensors.torch import load_file
+
+    from nla.io import save_tensors, write_text
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for role in ("av", "ar"):  # bf16 halves the package; the loader copies into fp32 adapters
+        save_tensors(tmp / f"{role}.safetensors",
+                     {k: v.to(torch.bfloat16) for k, v in load_file(str(src / f"{role}.safetensors")).items()})
+    meta = yaml.safe_load((src / "nla_meta.yaml").read_text())
+    meta["trained_with"] = f"python bench/train_smollm2.py --preset {preset} --run {run} --ship"
+    write_text(tmp / "nla_meta.yaml", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True))
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+    print(f"shipped {src} -> {dst}")
 
 
 if __name__ == "__main__":

@@ -31,3 +31,15 @@ def score_texts(base, spec, head, texts: list[str], vectors: torch.Tensor, batch
     m = mse(preds, vectors.cpu())
     return dict(fve=float(1 - m.mean() / spec.mse_mean), cos=float(cosine(preds, vectors.cpu()).mean()),
                 mse=float(m.mean()), texts=texts, row_fve=(1 - m / spec.mse_mean).tolist())
+
+
+def score_vectors(preds: torch.Tensor, targets: torch.Tensor, mse_mean: float | None) -> dict:
+    """FVE, cosine and MSE of predicted vectors against targets, overall and per row. Every
+    eval baseline goes through this one function, so rows of a report are comparable by
+    construction; mse_mean None (unknown) leaves FVE out rather than guessing it."""
+    preds, targets = preds.float().cpu(), targets.float().cpu()
+    m, c = mse(preds, targets), cosine(preds, targets)
+    fve = None if mse_mean is None else float(1 - m.mean() / mse_mean)
+    row_fve = None if mse_mean is None else (1 - m / mse_mean).tolist()
+    return dict(fve=fve, cos=float(c.mean()), mse=float(m.mean()), row_fve=row_fve, row_cos=c.tolist(),
+                row_mse=m.tolist())
