@@ -184,7 +184,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     step = f", step {loc.meta['step']}" if "step" in loc.meta else ""
     rows = [_row("nla", f"NLA ({loc.stage}{step})", real, "explain, then reconstruct from the explanation")]
     rows.append(_row("mean", "predict the mean", score(acts.mean_vector.expand(n, -1)),
-                     "the dataset's mean vector for every activation; FVE 0 by definition", real))
+                     "the dataset's mean vector for every activation; FVE 0 on the whole split by definition (near 0 on a --max-n subset)", real))
     perm = derangement(n, cfg.seed) if n >= 2 else None  # the AR read each text already: permute its outputs
     rows.append(_row("shuffled", "shuffled explanations", score(preds[perm]) if perm else None,
                      "each activation scored with another's explanation" if perm else "needs >= 2 activations", real))
