@@ -34,6 +34,7 @@ def make_tiny_run(root, tiny_path) -> dict:
     meta = collect(CollectConfig(model=tiny_path, layer=LAYER, corpus=str(corpus), out=str(acts), per_doc=2, min_pos=4,
                                  device="cpu", heldout_frac=0.25))
     base = load_base(tiny_path, device="cpu")
+    torch.manual_seed(0)  # lora.attach draws A at random: the run must not depend on which tests ran before
     lora.attach(base.model, {"av": 4, "ref": 4, "ar": 4})
     spec = build_spec(base, LAYER, meta, "replace", 4, 4)
     head = ARHead(base.d_model)
