@@ -23,6 +23,7 @@ from .metrics import explain_and_score
 from .models import load_base
 from .reconstructor import ARHead
 from .spec import build_spec
+from .verbalizer import target_ids
 
 
 def _subset(acts, n: int, seed: int):
@@ -96,6 +97,8 @@ def train(cfg: TrainConfig) -> dict:
 
     # 1. warm-start data (rank 0 writes, the others read the cache)
     summaries = {}
+    # both warm starts see what the AV can write within its RL cap, closing tag included
+    fits = lambda text: len(target_ids(base.tokenizer, text)) <= cfg.max_new - 4  # noqa: E731
     summ_base = base if not cfg.summarizer else None
     for turn in (0, 1):
         if (rank == 0) == (turn == 0):
@@ -103,7 +106,7 @@ def train(cfg: TrainConfig) -> dict:
                 summ_base = load_base(cfg.summarizer, device=cfg.device)
             for name, data in (("sft_av", av_data), ("sft_ar", ar_data)):
                 summaries[name] = warmstart.build(summ_base, data, out / "warmstart" / f"{name}.jsonl",
-                                                  max_new=cfg.summary_max_new)
+                                                  max_new=cfg.summary_max_new, fits=fits)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
     if summ_base is not base:

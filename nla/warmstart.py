@@ -26,36 +26,49 @@ PREFILL = "The text is about"
 TAIL_CHARS = 300
 MAX_WORDS = 100
 LAST_WORDS = 6
-FORMAT = 2  # cached summaries of another format are rewritten, not reused
+FORMAT = 3  # cached rows of another format are rewritten, not reused
 
 
 def _tail(prefix: str) -> str:
     return prefix[-TAIL_CHARS:].lstrip()
 
 
-def compose(topic: str, prefix: str, token: str) -> str:
-    """Three numbered features, the last about the final token, under MAX_WORDS words."""
+def compose(topic: str, prefix: str, token: str, fits=None) -> str:
+    """Three features, the last about the final token, under MAX_WORDS words. `fits`
+    (text -> bool) is the AV's token budget: the topic and then the quoted words shrink until the
+    text fits, so the final-token line, the part a mid-layer vector encodes best, is never the part
+    cut off. (Measured: at the cpu presets' 36-token cap, cutting from the end dropped it from
+    every AV target, and the AR learned to rely on lines the AV never wrote.)"""
     topic = " ".join(topic.replace("\r", " ").split())
     cut = min([i for i in (topic.find(". "), topic.find("\n")) if i > 0] + [len(topic)])
-    topic = topic[:cut].rstrip(" .,;:") or "an unclear subject"
-    words = " ".join(prefix.split()[-LAST_WORDS:])
+    topic_words = (topic[:cut].rstrip(" .,;:") or "an unclear subject").split()
+    said = prefix.split()[-LAST_WORDS:]
     tok = token.strip() or repr(token)
-    text = f'1. The text is about {topic}. 2. It has just said "{words}". 3. The final token is "{tok}".'
-    return " ".join(text.split()[:MAX_WORDS])
+
+    def text(t: list[str], w: list[str]) -> str:
+        out = f'Topic: {" ".join(t)}. Last words: "{" ".join(w)}". Final token: "{tok}".'
+        return " ".join(out.split()[:MAX_WORDS])
+
+    if fits is not None:
+        while not fits(text(topic_words, said)) and (len(topic_words) > 4 or len(said) > 2):
+            if len(topic_words) > 4 and (len(topic_words) > 8 or len(said) <= 2):
+                topic_words = topic_words[:-1]
+            else:
+                said = said[1:]
+    return text(topic_words, said)
 
 
 @torch.no_grad()
-def summarise(base, prefixes: list[str], tokens: list[str], max_new: int = 96, batch_size: int = 16,
-              desc: str = "summaries") -> list[str]:
+def summarise(base, prefixes: list[str], max_new: int = 96, batch_size: int = 16, desc: str = "summaries") -> list[str]:
+    """The summarizer's topic line (after PREFILL) for each prefix."""
     tok, model = base.tokenizer, base.model
     out = []
     side = tok.padding_side
     tok.padding_side = "left"
     try:
         for i in tqdm(range(0, len(prefixes), batch_size), desc=desc, leave=False):
-            chunk = list(zip(prefixes[i:i + batch_size], tokens[i:i + batch_size]))
             texts = []
-            for prefix, token in chunk:
+            for prefix in prefixes[i:i + batch_size]:
                 msg = PROMPT.format(tail=_tail(prefix))
                 texts.append((tok.apply_chat_template([{"role": "user", "content": msg}], tokenize=False,
                                                       add_generation_prompt=True) if tok.chat_template else msg + "\n")
@@ -64,26 +77,27 @@ def summarise(base, prefixes: list[str], tokens: list[str], max_new: int = 96, b
             with lora.use(model, None):
                 gen = model.generate(**enc, max_new_tokens=min(max_new, 32), do_sample=False, repetition_penalty=1.1,
                                      pad_token_id=tok.pad_token_id)
-            for (prefix, token), g in zip(chunk, gen[:, enc["input_ids"].shape[1]:]):
-                out.append(compose(tok.decode(g, skip_special_tokens=True), prefix, token))
+            out += [tok.decode(g, skip_special_tokens=True) for g in gen[:, enc["input_ids"].shape[1]:]]
     finally:
         tok.padding_side = side
     return out
 
 
-def build(base, acts, path: Path, batch_size: int = 16, max_new: int = 96) -> list[str]:
-    """Summaries for every row of `acts`, cached in `path` (jsonl); resumes where it stopped."""
+def build(base, acts, path: Path, batch_size: int = 16, max_new: int = 96, fits=None) -> list[str]:
+    """Summaries for every row of `acts`, each fitted to `fits` (see compose). The summarizer's
+    topic lines are cached in `path` (jsonl), so a killed run resumes and a new token budget
+    costs nothing."""
     keys = [f"{int(d)}:{int(p)}" for d, p in zip(acts.doc_id, acts.pos)]
-    have = {r["key"]: r["summary"] for r in read_jsonl(path, repair=True) if r.get("v") == FORMAT}
+    have = {r["key"]: r["topic"] for r in read_jsonl(path, repair=True) if r.get("v") == FORMAT}
     todo = [i for i, k in enumerate(keys) if k not in have]
     if todo:
         print(f"[nla] warm start: writing {len(todo)} summaries ({len(have)} cached) with {base.name}")
     tokens = [base.tokenizer.decode([int(t)]) for t in acts.token_id]
     for s in range(0, len(todo), batch_size * 4):
         idx = todo[s:s + batch_size * 4]
-        texts = summarise(base, [acts.prefixes[i] for i in idx], [tokens[i] for i in idx], max_new, batch_size,
-                          desc=f"summaries {s + len(idx)}/{len(todo)}")
-        rows = [{"key": keys[i], "v": FORMAT, "token": tokens[i], "summary": t} for i, t in zip(idx, texts)]
+        topics = summarise(base, [acts.prefixes[i] for i in idx], max_new, batch_size,
+                           desc=f"summaries {s + len(idx)}/{len(todo)}")
+        rows = [{"key": keys[i], "v": FORMAT, "token": tokens[i], "topic": t} for i, t in zip(idx, topics)]
         append_jsonl(path, rows)
-        have.update({r["key"]: r["summary"] for r in rows})
-    return [have[k] for k in keys]
+        have.update({r["key"]: r["topic"] for r in rows})
+    return [compose(have[k], acts.prefixes[i], tokens[i], fits) for i, k in enumerate(keys)]
