@@ -37,7 +37,8 @@ def main():
     print("\n== NLA on smollm2 layer", a.layer, "preset", a.preset, "==")
     print(f"wall time: collect {t1 - t0:.0f} s, train {t2 - t1:.0f} s, total {(t2 - t0) / 60:.1f} min")
     print(f"warm start: held-out FVE {ws['heldout_fve']:.3f} (cos {ws['heldout_cos']:.3f}), "
-          f"shuffled-vector control FVE {ws['shuffled_fve']:.3f} (cos {ws['shuffled_cos']:.3f})")
+          f"shuffled-vector control FVE {ws['shuffled_fve']:.3f} (cos {ws['shuffled_cos']:.3f}); explanations quote "
+          f"their token {ws.get('heldout_token_hits', float('nan')):.0%} (control {ws.get('shuffled_token_hits', float('nan')):.0%})")
     print("held-out FVE by RL step: " + ", ".join(f"{r['step']}: {r['heldout_fve']:.3f}" for r in evals))
     if a.ship:
         ship(Path(root) / run / "rl", Path(root) / "nla" / "data" / "checkpoints" / f"smollm2-L{a.layer}", run, a.preset)

@@ -33,7 +33,7 @@ from .collect import SPLITS, Activations, load_activations
 from .config import _check, opt
 from .errors import NLAError
 from .io import write_json, write_text
-from .metrics import score_vectors
+from .metrics import score_vectors, token_hits
 from .models import load_base
 from .reconstructor import MAX_EXPLANATION_TOKENS
 
@@ -199,12 +199,16 @@ def evaluate(cfg: EvalConfig) -> dict:
     rows.append(_row("paraphrase", "probe: paraphrased by the base", read(para),
                      "the base model (adapters off, greedy) rewrites the explanation", real))
 
+    tokens = [tok.decode([int(t)]) for t in acts.token_id]
+    hits = dict(nla=token_hits(texts, tokens), shuffled=token_hits(texts, [tokens[j] for j in perm]) if perm else None,
+                warm_start=None)
     ws = reference.warm_start_of(loc)
     if ws is not None:  # last: loading it replaces the RL adapters in the shared base
         same_ranks = all(ws.meta.get(k) == loc.meta.get(k) for k in ("lora_rank_av", "lora_rank_ar"))
         into = plain if same_ranks else load_base(m["model"], device=cfg.device, load_in_4bit=cfg.load_in_4bit)
         ws_nla = reference.load(ws, into)
         ws_texts = [s.text for s in ws_nla.explain_all(vec, cfg.max_new, temp, cfg.seed, bs, desc="warm start")]
+        hits["warm_start"] = token_hits(ws_texts, tokens)
         rows.insert(1, _row("warm_start", f"warm start ({ws.path.name})", score(ws_nla.reconstruct(ws_texts, bs)),
                             "the SFT checkpoint before RL, same decoding (drop = what RL added)", real))
 
@@ -212,12 +216,12 @@ def evaluate(cfg: EvalConfig) -> dict:
         checkpoint=str(loc), layout=loc.layout, stage=loc.stage, step=loc.meta.get("step"), model=m["model"],
         layer=m["layer"], d_model=m["d_model"], data=str(cfg.data), split=cfg.split, n=n, n_split=n_split,
         seed=cfg.seed, decoding=cfg.decoding, mse_mean=mse_mean, mse_mean_source=mse_src,
-        ok_frac=sum(s.ok for s in samples) / n, rows=rows,
+        ok_frac=sum(s.ok for s in samples) / n, rows=rows, token_hits=hits,
         warm_start=str(ws.path) if ws else "no warm-start checkpoint beside this one",
         examples=[dict(prefix_tail=acts.prefixes[i][-160:], explanation=texts[i], sentences_shuffled=reordered[i],
                        paraphrase=para[i], fve=real["row_fve"][i]) for i in range(min(3, n))],
         per_activation=[dict(doc_id=int(acts.doc_id[i]), pos=int(acts.pos[i]),
-                             token=tok.decode([int(acts.token_id[i])]), explanation=texts[i], ok=samples[i].ok,
+                             token=tokens[i], explanation=texts[i], ok=samples[i].ok,
                              fve=real["row_fve"][i], cos=real["row_cos"][i]) for i in range(n)])
     out = Path(cfg.out) if cfg.out else default_out(loc, cfg.split)
     out.mkdir(parents=True, exist_ok=True)
@@ -243,6 +247,10 @@ def _f(x, fmt: str = ".3f") -> str:
     return "–" if x is None else format(x, fmt)
 
 
+def _pct(x) -> str:
+    return "–" if x is None else f"{x:.0%}"
+
+
 def render_markdown(r: dict) -> str:
     d = r["decoding"]
     dec = f"sampled at temperature {d['temperature']:g} (seed {d['seed']})" if d["mode"] == "sample" else "greedy"
@@ -263,6 +271,11 @@ def render_markdown(r: dict) -> str:
         lines += ["", f"Steganography probe: shuffling sentences drops FVE by {_f(drop['sentence_shuffle'])}, "
                       f"paraphrasing by {_f(drop.get('paraphrase'))}. A small drop means the information lives in "
                       f"what the explanation says, not in a private code of order or wording."]
+    h = r["token_hits"]
+    lines += ["", f"Token test: the explanation quotes the activation's own token in {_pct(h['nla'])} of cases, "
+                  f"another activation's token in {_pct(h['shuffled'])} (chance)"
+                  + (f"; the warm start quotes its own in {_pct(h['warm_start'])}" if h["warm_start"] is not None else "")
+                  + ". A mid-layer vector encodes its token well: a gap over chance shows the AV reads the vector."]
     if not r["png"]:
         lines += ["", "(no chart: matplotlib is not installed; pip install matplotlib)"]
     lines += ["", "## Examples"]

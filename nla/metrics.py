@@ -43,3 +43,9 @@ def score_vectors(preds: torch.Tensor, targets: torch.Tensor, mse_mean: float | 
     row_fve = None if mse_mean is None else (1 - m / mse_mean).tolist()
     return dict(fve=fve, cos=float(c.mean()), mse=float(m.mean()), row_fve=row_fve, row_cos=c.tolist(),
                 row_mse=m.tolist())
+
+
+def token_hits(texts: list[str], tokens: list[str]) -> float:
+    """Fraction of explanations that quote their token ("…" around the stripped token). Tokens
+    that are only whitespace count as misses: no explanation can quote them recognisably."""
+    return sum(bool(t.strip()) and f'"{t.strip()}"' in x for x, t in zip(texts, tokens)) / max(1, len(texts))

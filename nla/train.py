@@ -19,7 +19,7 @@ from .config import TrainConfig, to_dict
 from .errors import NLAError
 from .grpo import rl_step
 from .io import append_jsonl, read_jsonl, write_json, write_text
-from .metrics import explain_and_score
+from .metrics import explain_and_score, token_hits
 from .models import load_base
 from .reconstructor import ARHead
 from .spec import build_spec
@@ -38,10 +38,12 @@ def _subset(acts, n: int, seed: int):
 def _evaluate(base, spec, head, held, cfg, shuffled: bool = False) -> dict:
     vec = held.vectors.float()
     res = explain_and_score(base, spec, head, vec, cfg.eval_max_new, temperature=0.0)
-    out = dict(heldout_fve=res["fve"], heldout_cos=res["cos"], heldout_ok=res["ok_frac"])
+    tokens = [base.tokenizer.decode([int(t)]) for t in held.token_id]
+    out = dict(heldout_fve=res["fve"], heldout_cos=res["cos"], heldout_ok=res["ok_frac"],
+               heldout_token_hits=token_hits(res["texts"], tokens))
     if shuffled:  # the control: the AV reads another row's vector; scored against the true one
         ctl = explain_and_score(base, spec, head, vec, cfg.eval_max_new, temperature=0.0, av_input=torch.roll(vec, 1, 0))
-        out.update(shuffled_fve=ctl["fve"], shuffled_cos=ctl["cos"])
+        out.update(shuffled_fve=ctl["fve"], shuffled_cos=ctl["cos"], shuffled_token_hits=token_hits(ctl["texts"], tokens))
     out["examples"] = res["texts"][:4]
     return out
 
@@ -140,7 +142,8 @@ def train(cfg: TrainConfig) -> dict:
             append_jsonl(metrics_path, [{"stage": "sft_av", "step": i + 1, "loss": l} for i, l in enumerate(losses)])
             ev = _evaluate(base, spec, head, held, cfg, shuffled=True)
             print(f"[nla] warm start: held-out FVE {ev['heldout_fve']:.3f} (cos {ev['heldout_cos']:.3f}); "
-                  f"control with shuffled vectors FVE {ev['shuffled_fve']:.3f}")
+                  f"control with shuffled vectors FVE {ev['shuffled_fve']:.3f}; explanations quote their token "
+                  f"{ev['heldout_token_hits']:.0%} (control {ev['shuffled_token_hits']:.0%})")
             append_jsonl(metrics_path, [{"stage": "eval", "step": 0, **{k: v for k, v in ev.items() if k != "examples"}}])
             write_json(out / "warmstart_eval.json", ev)
             checkpoint.save(sft_dir, base, spec, head, roles=("av", "ar"), info={"stage": "sft"})

@@ -13,7 +13,7 @@ from nla import reference
 from nla.collect import SPLITS, load_activations
 from nla.errors import NLAError
 from nla.evaluate import EvalConfig, derangement, evaluate, sentences, shuffle_sentences, tail
-from nla.metrics import score_vectors
+from nla.metrics import score_vectors, token_hits
 from nla.models import load_base
 
 ROWS = {"nla", "warm_start", "mean", "shuffled", "prefix", "sentence_shuffle", "paraphrase"}
@@ -69,6 +69,13 @@ def test_score_arithmetic_and_mean_baseline(tiny_run):
     assert score_vectors(v, v, None)["fve"] is None
 
 
+def test_token_hits_counts_quoted_tokens_only():
+    texts = ['Topic: soup. Final token: "salt".', 'It ends on "the".', "salt without quotes", 'x "\n" y']
+    assert token_hits(texts, [" salt", "the", " salt", "\n"]) == 0.5  # quoted, quoted, unquoted, whitespace-only
+    assert token_hits(texts, [" pepper", " a", "salt", " "]) == 0.0
+    assert token_hits([], []) == 0.0
+
+
 def test_tail_keeps_the_end(tokenizer):
     text = " ".join(f"w{i}" for i in range(300))
     t = tail(tokenizer, text, 20)
@@ -97,6 +104,11 @@ def test_eval_report_on_tiny_run(tiny_run, tiny_path, tmp_path, capsys):
             assert r["fve_drop"] == pytest.approx(rows["nla"]["fve"] - r["fve"])
         assert f"| {r['method']} |" in printed
     assert "greedy" in printed and "FVE drop" in printed
+
+    hits = rep["token_hits"]
+    per = rep["per_activation"]
+    assert hits["nla"] == token_hits([p["explanation"] for p in per], [p["token"] for p in per])
+    assert 0 <= hits["shuffled"] <= 1 and hits["warm_start"] is not None and "Token test:" in printed
 
     # the shuffled row is the real explanations under a derangement, scored against the true vectors
     per = rep["per_activation"]

@@ -49,6 +49,8 @@ def test_train_end_to_end_and_exact_resume(tiny_acts, tmp_path):
     for k in ("reward_mean", "reward_std", "train_fve", "kl", "expl_len", "zero_spread", "step_time", "fail_frac"):
         assert k in rl[0]
     assert [r["step"] for r in rows if r["stage"] == "eval"] == [0, 2, 4]
+    ws = json.loads((ref / "warmstart_eval.json").read_text())
+    assert 0 <= ws["heldout_token_hits"] <= 1 and 0 <= ws["shuffled_token_hits"] <= 1
     assert summary["final_fve"] is not None
     import yaml
     meta = yaml.safe_load(open(ref / "rl" / "nla_meta.yaml"))
@@ -91,7 +93,7 @@ def test_train_refuses_bad_inputs(tiny_acts, tmp_path):
     with pytest.raises(NLAError, match="preset"):
         TrainConfig(preset="huge")
     c = TrainConfig(preset="cpu-smoke", rl_steps=3)
-    assert c.rl_steps == 3 and c.group == 4 and c.max_new == 40
+    assert c.rl_steps == 3 and c.group == 4 and c.max_new == 48
 
 
 def _free_port():
