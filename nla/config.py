@@ -63,7 +63,7 @@ PRESETS = {
     "cpu-smoke": dict(n_warm=64, summary_max_new=32, sft_ar_steps=40, sft_av_steps=40, sft_batch=8, rank_av=8,
                       rank_ar=8, rl_steps=10, rl_batch=4, group=4, max_new=48, eval_every=5, eval_n=16,
                       eval_max_new=48, save_every=5),
-    # the shipped NLA for the embedded model: every warm-start vector, ~40 minutes on 2 idle CPU cores
+    # the shipped NLA for the embedded model: every warm-start vector, ~55 minutes on 2 idle CPU cores
     "cpu-demo": dict(n_warm=0, summary_max_new=32, sft_ar_steps=150, sft_av_steps=150, sft_batch=8, rank_av=16,
                      rank_ar=16, rl_steps=40, rl_batch=4, group=4, max_new=48, eval_every=5, eval_n=32,
                      eval_max_new=48, save_every=5),
