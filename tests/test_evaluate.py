@@ -178,9 +178,10 @@ def test_eval_report_is_consistent_on_the_shipped_nla(tmp_path):
     acts = tmp_path / "acts"
     collect(CollectConfig(model="smollm2", layer=DEFAULT_LAYER, corpus="embedded", out=str(acts), max_docs=100,
                           device="cpu"))
-    rep = evaluate(EvalConfig(checkpoint=str(ck), data=str(acts), max_new=40, out=str(tmp_path / "eval"), device="cpu"))
+    rep = evaluate(EvalConfig(checkpoint=str(ck), data=str(acts), max_new=48, out=str(tmp_path / "eval"), device="cpu"))
     rows = {r["key"]: r for r in rep["rows"]}
     assert rep["n"] >= 8
     assert rows["mean"]["fve"] == pytest.approx(0.0, abs=1e-3)
     assert rows["shuffled"]["fve"] < rows["nla"]["fve"]
+    assert rep["token_hits"]["shuffled"] < rep["token_hits"]["nla"]
     assert all(math.isfinite(r["fve"]) for r in rep["rows"])
