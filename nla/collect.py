@@ -91,6 +91,10 @@ class Activations:
         return Activations(self.meta, self.vectors[m], self.doc_id[m], self.pos[m], self.token_id[m],
                            self.split[m], [self.prefixes[i] for i in idx])
 
+    def tokens(self, tok) -> list[str]:
+        """Each vector's own token as text (what warm-start summaries and the token test quote)."""
+        return [tok.decode([int(t)]) for t in self.token_id]
+
     @property
     def mean_vector(self) -> torch.Tensor:
         return torch.tensor(self.meta["mean_vector_normalised"], dtype=torch.float32)

@@ -199,7 +199,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     rows.append(_row("paraphrase", "probe: paraphrased by the base", read(para),
                      "the base model (adapters off, greedy) rewrites the explanation", real))
 
-    tokens = [tok.decode([int(t)]) for t in acts.token_id]
+    tokens = acts.tokens(tok)
     hits = dict(nla=token_hits(texts, tokens), shuffled=token_hits(texts, [tokens[j] for j in perm]) if perm else None,
                 warm_start=None)
     ws = reference.warm_start_of(loc)

@@ -38,7 +38,7 @@ def _subset(acts, n: int, seed: int):
 def _evaluate(base, spec, head, held, cfg, shuffled: bool = False) -> dict:
     vec = held.vectors.float()
     res = explain_and_score(base, spec, head, vec, cfg.eval_max_new, temperature=0.0)
-    tokens = [base.tokenizer.decode([int(t)]) for t in held.token_id]
+    tokens = held.tokens(base.tokenizer)
     out = dict(heldout_fve=res["fve"], heldout_cos=res["cos"], heldout_ok=res["ok_frac"],
                heldout_token_hits=token_hits(res["texts"], tokens))
     if shuffled:  # the control: the AV reads another row's vector; scored against the true one
@@ -100,7 +100,8 @@ def train(cfg: TrainConfig) -> dict:
     # 1. warm-start data (rank 0 writes, the others read the cache)
     summaries = {}
     # both warm starts see what the AV can write within its RL cap, closing tag included
-    fits = lambda text: len(target_ids(base.tokenizer, text)) <= cfg.max_new - 4  # noqa: E731
+    av_max_len = cfg.max_new - 4
+    fits = lambda text: len(target_ids(base.tokenizer, text)) <= av_max_len  # noqa: E731
     summ_base = base if not cfg.summarizer else None
     for turn in (0, 1):
         if (rank == 0) == (turn == 0):
@@ -137,7 +138,7 @@ def train(cfg: TrainConfig) -> dict:
                 append_jsonl(metrics_path, [{"stage": "sft_ar", "step": i + 1, "loss": l} for i, l in enumerate(losses)])
                 checkpoint.save(sft_ar_dir, base, spec, head, roles=("ar",), info={"stage": "sft_ar"})
         losses = sft.train_av(base, spec, summaries["sft_av"], av_data.vectors.float(), cfg.sft_av_steps,
-                              cfg.sft_batch, cfg.sft_lr, cfg.seed, max_len=cfg.max_new - 4)
+                              cfg.sft_batch, cfg.sft_lr, cfg.seed, max_len=av_max_len)
         if rank == 0:
             append_jsonl(metrics_path, [{"stage": "sft_av", "step": i + 1, "loss": l} for i, l in enumerate(losses)])
             ev = _evaluate(base, spec, head, held, cfg, shuffled=True)

@@ -92,7 +92,7 @@ def build(base, acts, path: Path, batch_size: int = 16, max_new: int = 96, fits=
     todo = [i for i, k in enumerate(keys) if k not in have]
     if todo:
         print(f"[nla] warm start: writing {len(todo)} summaries ({len(have)} cached) with {base.name}")
-    tokens = [base.tokenizer.decode([int(t)]) for t in acts.token_id]
+    tokens = acts.tokens(base.tokenizer)
     for s in range(0, len(todo), batch_size * 4):
         idx = todo[s:s + batch_size * 4]
         topics = summarise(base, [acts.prefixes[i] for i in idx], max_new, batch_size,
