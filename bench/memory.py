@@ -44,6 +44,7 @@ def main():
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     from bench.common import Timer, nla_on
+    from nla import lora
     from nla.grpo import update
     from nla.models import Base, resolve
     from nla.verbalizer import generate
@@ -72,8 +73,7 @@ def main():
     base = Base(model, tok, "random Qwen2.5-7B-shaped", cfg.num_hidden_layers, cfg.hidden_size, quant="nf4")
     weights_gb = torch.cuda.memory_allocated() / 1e9
     spec, head, opt_av, opt_ar = nla_on(base, a.layer, rank=a.rank, scale=150.0)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
+    lora.enable_checkpointing(model)
     torch.cuda.reset_peak_memory_stats()
     vecs = torch.randn(a.acts, cfg.hidden_size, device="cuda").repeat_interleave(a.group, 0)
     for step in range(a.steps):

@@ -14,6 +14,7 @@ import torch
 
 import kernels
 
+from . import lora
 from .errors import NLAError
 from .models import decoder_of
 from .spec import NLASpec
@@ -48,17 +49,33 @@ def injected(model, input_ids: torch.Tensor, vectors: torch.Tensor, spec: NLASpe
     if spec.injection_mode == "replace":
         yield kernels.inject_replace(emb.weight, input_ids, slots, vectors, float(spec.injection_scale))
         return
-    T = input_ids.shape[1]
+    sw = lora.switch_of(model)
+    _install_add_hook(model)
+    prev, sw.add = sw.add, (slots, vectors, input_ids.shape[1])
+    try:
+        yield emb(input_ids)
+    finally:
+        sw.add = prev
+
+
+def _install_add_hook(model) -> None:
+    """One permanent hook on block 1 that adds whatever injection the switch holds. The state
+    lives on the switch, not in a closure, so a block recomputed by gradient checkpointing
+    after this context has closed gets the same injection (lora.enable_checkpointing)."""
+    layer = decoder_of(model).layers[1]
+    if getattr(layer, "_nla_add_hook", False):
+        return
+    sw = lora.switch_of(model)
 
     def hook(_mod, _args, out):
+        if sw.add is None:
+            return None
+        slots, vectors, T = sw.add
         h = out[0] if isinstance(out, tuple) else out
-        if h.shape[1] != T:
+        if h.shape[1] != T:  # a cached decode step: the vector went in at prefill
             return None
         h = kernels.inject_add(h, slots, vectors)
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
-    handle = decoder_of(model).layers[1].register_forward_hook(hook)
-    try:
-        yield emb(input_ids)
-    finally:
-        handle.remove()
+    layer.register_forward_hook(hook)
+    layer._nla_add_hook = True

@@ -4,6 +4,11 @@ One base serves every role: target (no adapter), AV ("av"), KL reference ("ref",
 copy of the warm-start AV) and AR ("ar"). Each wrapped projection holds all adapters; a switch
 shared by the whole model says which one is live. Adapters stay fp32 whatever the base is
 (bf16 or bitsandbytes 4-bit), which is what keeps small updates from rounding away.
+
+The switch is state outside the autograd graph, so gradient checkpointing must replay it: a
+block recomputed in backward runs after `use(...)` has already restored another role, and would
+silently use the wrong adapter (or none). `enable_checkpointing` gives torch.utils.checkpoint a
+context that snapshots the switch at forward time and restores it during recomputation.
 """
 from __future__ import annotations
 
@@ -17,7 +22,23 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 class _Switch:
+    """What a block reads besides its inputs: the live role, and the add-mode injection
+    (inject.py) when one is in progress. Snapshotted per checkpointed block."""
     active: str | None = None
+    add: tuple | None = None
+
+    def snapshot(self) -> tuple:
+        return self.active, self.add
+
+    def restore(self, snap: tuple) -> None:
+        self.active, self.add = snap
+
+
+def switch_of(model: nn.Module) -> _Switch:
+    sw = getattr(model, "_nla_switch", None)
+    if sw is None:
+        sw = model._nla_switch = _Switch()
+    return sw
 
 
 class Adapter(nn.Module):
@@ -53,10 +74,8 @@ def _wrapped(model: nn.Module) -> list[tuple[str, LoRALinear]]:
 def attach(model: nn.Module, roles: dict[str, int], alpha_over_rank: float = 2.0, targets=TARGETS) -> None:
     """Wrap every target projection of every decoder block and give it an adapter per role
     (roles: name -> rank). Idempotent per role."""
-    switch = getattr(model, "_nla_switch", None)
-    if switch is None:
-        switch = _Switch()
-        model._nla_switch = switch
+    switch = switch_of(model)
+    if not _wrapped(model):
         for name, mod in list(model.named_modules()):
             for child_name, child in list(mod.named_children()):
                 if child_name in targets and hasattr(child, "in_features") and not isinstance(child, LoRALinear):
@@ -71,17 +90,47 @@ def attach(model: nn.Module, roles: dict[str, int], alpha_over_rank: float = 2.0
 @contextlib.contextmanager
 def use(model: nn.Module, role: str | None):
     """Run the block with adapter `role` live (None = the plain target model)."""
-    switch = getattr(model, "_nla_switch", None)
-    if switch is None:
-        if role is not None:
-            raise RuntimeError(f"no adapters attached; cannot use role {role!r}")
-        yield
-        return
+    if role is not None and not _wrapped(model):
+        raise RuntimeError(f"no adapters attached; cannot use role {role!r}")
+    switch = switch_of(model)
     prev, switch.active = switch.active, role
     try:
         yield
     finally:
         switch.active = prev
+
+
+def _replaying(model: nn.Module):
+    """context_fn for non-reentrant torch.utils.checkpoint: (forward ctx, recompute ctx). The
+    forward one records the switch; the recompute one puts that back for the replay only."""
+    sw, snap = switch_of(model), []
+
+    @contextlib.contextmanager
+    def forward():
+        snap.append(sw.snapshot())
+        yield
+
+    @contextlib.contextmanager
+    def recompute():
+        prev = sw.snapshot()
+        sw.restore(snap[0])
+        try:
+            yield
+        finally:
+            sw.restore(prev)
+    return forward(), recompute()
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder block in backward (activation memory ~ one block), with every
+    role's adapter and injection replayed as it was at forward time. Train mode is required by
+    HF for checkpointing; Llama/Qwen blocks have no dropout, so it changes nothing else."""
+    kw = {"use_reentrant": False, "context_fn": lambda: _replaying(model)}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    model.train()
 
 
 def params(model: nn.Module, role: str) -> list[nn.Parameter]:

@@ -115,9 +115,8 @@ def train(cfg: TrainConfig) -> dict:
     if summ_base is not base:
         del summ_base
 
-    if cfg.grad_checkpointing:  # recompute each block in backward: activation memory ~ one block
-        base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.model.train()  # HF only checkpoints in train mode; Llama/Qwen have no dropout to switch on
+    if cfg.grad_checkpointing:
+        lora.enable_checkpointing(base.model)
 
     # 2. SFT: the AR first (it does not need the AV), then the AV
     lora.attach(base.model, {"av": cfg.rank_av, "ref": cfg.rank_av, "ar": cfg.rank_ar})

@@ -1,0 +1,109 @@
+"""Gradient checkpointing is exact for every role: gradients (and GRPO updates) with it equal
+those without it. Each block recomputed in backward must see the adapter and the add-mode
+injection that were live in its forward, although `lora.use` has switched back by then."""
+import pytest
+import torch
+
+from nla import lora
+from nla.grpo import update
+from nla.models import load_base
+from nla.reconstructor import ARHead, reconstruct
+from nla.reward import mse
+from nla.spec import build_spec
+from nla.verbalizer import Sample, response_logprobs, target_ids
+
+TEXTS = ["alpha beta", "gamma delta epsilon", "one two three four", "cats"]
+
+
+def _setup(path, checkpointing: bool, mode: str, quant: bool = False):
+    base = load_base(path, device="cpu", load_in_4bit=quant)
+    lora.attach(base.model, {"av": 4, "ref": 4, "ar": 4})
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # non-zero B everywhere, and ref != av, so a wrong role changes the numbers
+        for role in ("av", "ref", "ar"):
+            for p in lora.params(base.model, role):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    for p in lora.params(base.model, "ref"):
+        p.requires_grad_(False)
+    if checkpointing:
+        lora.enable_checkpointing(base.model)
+    base.model.train()  # both ways: bitsandbytes' CPU path repacks nf4 weights for a bf16 kernel in eval mode
+    spec = build_spec(base, 2, {"injection_scale": 3.0, "mse_mean": {"train": 1.5}}, mode, 4, 4)
+    head = ARHead(base.d_model)
+    return base, spec, head
+
+
+def _grads(params):
+    out = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]  # blocks past L: none
+    for p in params:
+        p.grad = None
+    return out
+
+
+def _ar_and_av_grads(path, checkpointing, mode, quant=False):
+    base, spec, head = _setup(path, checkpointing, mode, quant)
+    vecs = torch.randn(len(TEXTS), base.d_model, generator=torch.Generator().manual_seed(2))
+    mse(reconstruct(base, spec, head, TEXTS), vecs).mean().backward()  # AR warm start
+    ar = _grads(lora.params(base.model, "ar") + list(head.parameters()))
+    resp = [target_ids(base.tokenizer, t) for t in TEXTS]
+    lp, mask = response_logprobs(base, spec, vecs, resp, "av")  # AV warm start
+    (-(lp * mask).sum() / mask.sum()).backward()
+    av = _grads(lora.params(base.model, "av"))
+    return ar, av
+
+
+@pytest.mark.parametrize("mode", ["replace", "add"])
+def test_sft_gradients_equal_with_and_without_checkpointing(tiny_path, mode):
+    ar0, av0 = _ar_and_av_grads(tiny_path, False, mode)
+    ar1, av1 = _ar_and_av_grads(tiny_path, True, mode)
+    assert any(float(g.abs().max()) > 0 for g in av0) and any(float(g.abs().max()) > 0 for g in ar0)
+    for a, b in zip(ar0 + av0, ar1 + av1):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def _grpo_after(path, checkpointing, mode, quant=False, micro=0):
+    base, spec, head = _setup(path, checkpointing, mode, quant)
+    G = 2
+    vecs = torch.randn(len(TEXTS) // G, base.d_model, generator=torch.Generator().manual_seed(3)).repeat_interleave(G, 0)
+    samples = [Sample(target_ids(base.tokenizer, t), t, True) for t in TEXTS]
+    opt_av = torch.optim.SGD(lora.params(base.model, "av"), lr=0.5)
+    opt_ar = torch.optim.SGD(lora.params(base.model, "ar") + list(head.parameters()), lr=0.5)
+    m = update(base, spec, head, vecs, samples, opt_av, opt_ar, G, 0.5, 0.2, micro=micro)
+    return lora.state(base.model, "av"), lora.state(base.model, "ar"), head.weight.detach().clone(), m
+
+
+@pytest.mark.parametrize("mode", ["replace", "add"])
+def test_grpo_update_equal_with_and_without_checkpointing(tiny_path, mode):
+    av0, ar0, h0, m0 = _grpo_after(tiny_path, False, mode)
+    av1, ar1, h1, m1 = _grpo_after(tiny_path, True, mode, micro=3)  # micro-batches too: same update
+    assert m0["kl"] > 0  # ref differs from av: the reference log-probs are exercised
+    torch.testing.assert_close(h0, h1, rtol=1e-5, atol=1e-6)
+    for a, b in ((av0, av1), (ar0, ar1)):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert m0["kl"] == pytest.approx(m1["kl"], rel=1e-4)
+
+
+def test_target_role_under_checkpointing_is_the_plain_model(tiny_path):
+    """Role None (the target model, no adapter) stays plain when another role was live at the
+    time of an earlier checkpointed forward."""
+    base, spec, head = _setup(tiny_path, True, "replace")
+    ids = torch.randint(100, 2000, (2, 9))
+    emb = base.model.get_input_embeddings()(ids).detach().requires_grad_()
+    with lora.use(base.model, None):
+        out = base.model(inputs_embeds=emb).logits
+    out.square().mean().backward()
+    ref = load_base(tiny_path, device="cpu")
+    emb2 = emb.detach().clone().requires_grad_()
+    ref.model(inputs_embeds=emb2).logits.square().mean().backward()
+    torch.testing.assert_close(emb.grad, emb2.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_checkpointing_with_4bit_base(tiny_path):
+    pytest.importorskip("bitsandbytes")
+    import warnings
+    warnings.simplefilter("ignore")
+    ar0, av0 = _ar_and_av_grads(tiny_path, False, "replace", quant=True)
+    ar1, av1 = _ar_and_av_grads(tiny_path, True, "replace", quant=True)
+    for a, b in zip(ar0 + av0, ar1 + av1):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
