@@ -37,10 +37,18 @@ def _command(name: str, cfg_cls, run, doc: str):
         if f.metadata.get("argument"):
             info = typer.Argument(default if default is not None else ..., help=f.metadata.get("help"))
         else:
-            info = typer.Option(default, "--" + f.name.replace("_", "-"), help=f.metadata.get("help"))
+            flag = "--" + f.name.replace("_", "-")
+            if hints[f.name] is bool:  # every switch can be turned off too, e.g. against a preset
+                flag = f"{flag}/--no-{flag[2:]}"
+            info = typer.Option(default, flag, help=f.metadata.get("help"))
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=hints[f.name]))
 
-    def cmd(**kwargs):
+    takes_given = "given" in inspect.signature(cfg_cls).parameters
+    params.append(inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
+
+    def cmd(ctx: typer.Context, **kwargs):
+        if takes_given:  # what was typed beats a preset, even when it equals the default
+            kwargs["given"] = tuple(k for k in kwargs if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE")
         try:
             run(cfg_cls(**kwargs))
         except NLAError as e:

@@ -5,7 +5,7 @@ dataclass is the single place an option is defined. Presets are plain dicts of o
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, asdict
+from dataclasses import InitVar, dataclass, field, fields, asdict
 
 from .errors import NLAError
 
@@ -78,7 +78,7 @@ PRESETS = {
 class TrainConfig:
     acts: str = opt("runs/smollm2-L20/acts", "activation dataset from `nla-cli collect`")
     out: str = opt("runs/smollm2-L20", "run directory: warmstart/, checkpoints sft/ and rl/, metrics.jsonl, plot")
-    preset: str = opt("", "cpu-smoke, cpu-demo or gpu: overrides every option still at its default")
+    preset: str = opt("", "cpu-smoke, cpu-demo or gpu: sets every option not given explicitly")
     model: str = opt("", "base model (default: the one recorded in the activation dataset)")
     summarizer: str = opt("", "instruct model writing warm-start summaries (default: the base model itself)")
     n_warm: int = opt(0, "use at most this many vectors per warm-start split (0 = all)")
@@ -109,13 +109,23 @@ class TrainConfig:
     device: str = opt("auto", "auto, cpu, cuda, ...")
     load_in_4bit: bool = opt(False, "4-bit nf4 frozen base (bitsandbytes); adapters and head stay fp32")
     seed: int = opt(0, "seed")
+    # Names of the options given explicitly (the CLI passes those typed on the command line,
+    # `TrainConfig.make` the keywords it got): they beat the preset even at their default value.
+    # Without it, an option still at its default is taken as not given.
+    given: InitVar[tuple] = None
 
-    def __post_init__(self):
+    @classmethod
+    def make(cls, **kw) -> "TrainConfig":
+        """Every keyword given here beats the preset, whatever its value."""
+        return cls(**kw, given=tuple(kw))
+
+    def __post_init__(self, given):
         if self.preset:
             _check(self.preset in PRESETS, f"--preset must be one of {', '.join(PRESETS)}")
             defaults = TrainConfig.__dataclass_fields__
             for k, v in PRESETS[self.preset].items():
-                if getattr(self, k) == defaults[k].default:
+                explicit = k in given if given is not None else getattr(self, k) != defaults[k].default
+                if not explicit:
                     setattr(self, k, v)
         _check(self.group >= 2, "--group must be >= 2 (GRPO standardises within a group)")
         _check(self.rl_batch >= 1 and self.sft_batch >= 1, "batch sizes must be >= 1")
