@@ -16,6 +16,10 @@ construction: it is computed, not written in, and a value far from 0 flags a bro
                             lives in what the text says, not in a private code of word order or
                             token choice
 
+Beside the table, two text tests, each against chance (another activation's token or context
+under the same derangement): the token test (does the explanation quote the activation's token?)
+and the faithfulness test (are the explanation's content words in the activation's recent text?).
+
 Writes report.md, report.json and report.png (matplotlib) to --out and prints the table.
 """
 from __future__ import annotations
@@ -33,7 +37,7 @@ from .collect import SPLITS, Activations, load_activations
 from .config import _check, opt
 from .errors import NLAError
 from .io import write_json, write_text
-from .metrics import score_vectors, token_hits
+from .metrics import content_hit_counts, content_hits, score_vectors, token_hits
 from .models import load_base
 from .reconstructor import MAX_EXPLANATION_TOKENS
 
@@ -41,6 +45,10 @@ PARAPHRASE = ("Rewrite the following notes in your own words. Keep every piece o
               "nothing. Reply with the rewrite only.\n\n{text}")
 # an end mark after a word, not after an enumerator: "1. Cooking. 2. Salt." is two sentences
 _SENTENCE_END = re.compile(r"(?<=[^\d\s][.!?;])\s+|\s*\n+\s*")
+# the faithfulness test's context, about two sentences: wider than the six "Last words" the warm
+# start quotes, so a topic word can hit as well as a copied quote, and narrow enough that a long
+# document's every word does not count as "this activation's context"
+CONTENT_WINDOW = 40
 
 
 @dataclass
@@ -202,6 +210,13 @@ def evaluate(cfg: EvalConfig) -> dict:
     tokens = acts.tokens(tok)
     hits = dict(nla=token_hits(texts, tokens), shuffled=token_hits(texts, [tokens[j] for j in perm]) if perm else None,
                 warm_start=None)
+    # the faithfulness test: are the explanation's words about this activation's text? Chance pairs
+    # each explanation with another's context under the same derangement as the token test
+    ctx = acts.prefixes
+    content = dict(window=CONTENT_WINDOW, nla=content_hits(texts, ctx, CONTENT_WINDOW),
+                   shuffled=content_hits(texts, [ctx[j] for j in perm], CONTENT_WINDOW) if perm else None,
+                   warm_start=None)
+    row_content = content_hit_counts(texts, ctx, CONTENT_WINDOW)
     ws = reference.warm_start_of(loc)
     if ws is not None:  # last: loading it replaces the RL adapters in the shared base
         same_ranks = all(ws.meta.get(k) == loc.meta.get(k) for k in ("lora_rank_av", "lora_rank_ar"))
@@ -209,6 +224,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         ws_nla = reference.load(ws, into)
         ws_texts = [s.text for s in ws_nla.explain_all(vec, cfg.max_new, temp, cfg.seed, bs, desc="warm start")]
         hits["warm_start"] = token_hits(ws_texts, tokens)
+        content["warm_start"] = content_hits(ws_texts, ctx, CONTENT_WINDOW)
         rows.insert(1, _row("warm_start", f"warm start ({ws.path.name})", score(ws_nla.reconstruct(ws_texts, bs)),
                             "the SFT checkpoint before RL, same decoding (drop = what RL added)", real))
 
@@ -216,13 +232,14 @@ def evaluate(cfg: EvalConfig) -> dict:
         checkpoint=str(loc), layout=loc.layout, stage=loc.stage, step=loc.meta.get("step"), model=m["model"],
         layer=m["layer"], d_model=m["d_model"], data=str(cfg.data), split=cfg.split, n=n, n_split=n_split,
         seed=cfg.seed, decoding=cfg.decoding, mse_mean=mse_mean, mse_mean_source=mse_src,
-        ok_frac=sum(s.ok for s in samples) / n, rows=rows, token_hits=hits,
+        ok_frac=sum(s.ok for s in samples) / n, rows=rows, token_hits=hits, content_hits=content,
         warm_start=str(ws.path) if ws else "no warm-start checkpoint beside this one",
         examples=[dict(prefix_tail=acts.prefixes[i][-160:], explanation=texts[i], sentences_shuffled=reordered[i],
                        paraphrase=para[i], fve=real["row_fve"][i]) for i in range(min(3, n))],
         per_activation=[dict(doc_id=int(acts.doc_id[i]), pos=int(acts.pos[i]),
                              token=tokens[i], explanation=texts[i], ok=samples[i].ok,
-                             fve=real["row_fve"][i], cos=real["row_cos"][i]) for i in range(n)])
+                             fve=real["row_fve"][i], cos=real["row_cos"][i],
+                             content_found=row_content[i][0], content_words=row_content[i][1]) for i in range(n)])
     out = Path(cfg.out) if cfg.out else default_out(loc, cfg.split)
     out.mkdir(parents=True, exist_ok=True)
     report["png"] = _plot(out / "report.png", report)
@@ -276,6 +293,11 @@ def render_markdown(r: dict) -> str:
                   f"another activation's token in {_pct(h['shuffled'])} (chance)"
                   + (f"; the warm start quotes its own in {_pct(h['warm_start'])}" if h["warm_start"] is not None else "")
                   + ". A mid-layer vector encodes its token well: a gap over chance shows the AV reads the vector."]
+    c = r["content_hits"]
+    lines += ["", f"Faithfulness test: explanations' content words found in the activation's last {c['window']} words "
+                  f"of context: {_pct(c['nla'])} (chance {_pct(c['shuffled'])})"
+                  + (f"; warm start {_pct(c['warm_start'])}" if c["warm_start"] is not None else "")
+                  + ". Content words leave out stopwords and the explanation format's own words (topic, token, ...)."]
     if not r["png"]:
         lines += ["", "(no chart: matplotlib is not installed; pip install matplotlib)"]
     lines += ["", "## Examples"]

@@ -26,6 +26,7 @@ class _Switch:
     (inject.py) when one is in progress. Snapshotted per checkpointed block."""
     active: str | None = None
     add: tuple | None = None
+    fast: bool = False  # sampling: adapters run from compute-dtype copies (see inference_weights)
 
     def snapshot(self) -> tuple:
         return self.active, self.add
@@ -48,6 +49,7 @@ class Adapter(nn.Module):
         self.B = nn.Parameter(torch.zeros(d_out, rank))  # zero: a new adapter starts as a no-op
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.scale = alpha / rank
+        self.fast: tuple | None = None  # (A, B * scale) in the base's compute dtype, for sampling
 
 
 class LoRALinear(nn.Module):
@@ -64,6 +66,8 @@ class LoRALinear(nn.Module):
         a = self.adapters[self.switch.active] if self.switch.active in self.adapters else None
         if a is None:
             return y
+        if self.switch.fast and a.fast is not None and a.fast[0].dtype == x.dtype:
+            return y + (x @ a.fast[0].t()) @ a.fast[1].t()
         return y + ((x.to(a.A.dtype) @ a.A.t()) @ a.B.t() * a.scale).to(y.dtype)
 
 
@@ -98,6 +102,30 @@ def use(model: nn.Module, role: str | None):
         yield
     finally:
         switch.active = prev
+
+
+@contextlib.contextmanager
+def inference_weights(model: nn.Module, role: str | None, dtype: torch.dtype):
+    """Sampling with the live role's adapters in the base's compute dtype: copies refreshed once
+    on entry instead of two casts per projection per token. The copies keep their storage across
+    calls, so a CUDA graph captured over them sees each refresh. A no-op for fp32 bases (CPU),
+    whose adapters already match: the CPU path stays exactly the training path."""
+    sw = switch_of(model)
+    if role is None or dtype == torch.float32 or not _wrapped(model):
+        yield
+        return
+    with torch.no_grad():
+        for _, m in _wrapped(model):
+            a = m.adapters[role]
+            if a.fast is None or a.fast[0].dtype != dtype:
+                a.fast = (torch.empty_like(a.A, dtype=dtype), torch.empty_like(a.B, dtype=dtype))
+            a.fast[0].copy_(a.A)
+            a.fast[1].copy_(a.B * a.scale)
+    prev, sw.fast = sw.fast, True
+    try:
+        yield
+    finally:
+        sw.fast = prev
 
 
 def _replaying(model: nn.Module):

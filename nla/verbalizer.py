@@ -1,7 +1,8 @@
 """The activation verbalizer (AV): base + "av" adapter, reading an injected vector, writing text.
 
 Every AV prompt has the same token ids (only the injected vector differs), so a batch needs no
-padding for the prompt: prefill once with the vectors injected, then sample with a KV cache.
+padding: prefill once with the vectors injected, then decode one token per step from a static KV
+cache sized for prompt + cap (nla/decoding.py; on CUDA each step is a replayed CUDA graph).
 An explanation ends at `</explanation>`; one that hits EOS or the length cap first is a failure
 (reward -2.0 in RL). Log-probs for GRPO go through kernels.token_logprobs, which never holds
 the [tokens, vocab] fp32 log-softmax.
@@ -17,9 +18,12 @@ import torch
 import kernels
 
 from . import lora
+from .decoding import Decoder, StopDetector, pick
 from .inject import injected
 from .models import decoder_of
 from .spec import CLOSE, NLASpec
+
+CHECK_EVERY = 8  # decode steps between host syncs asking "has every row stopped?"
 
 
 @dataclass
@@ -33,19 +37,90 @@ def _prompt(spec: NLASpec, n: int, device) -> torch.Tensor:
     return torch.tensor(spec.av_prompt_ids, device=device).expand(n, -1).contiguous()
 
 
+def _stop_ids(tok) -> set:
+    return {i for i in (tok.eos_token_id, tok.pad_token_id) if i is not None}
+
+
 @torch.no_grad()
 def generate(base, spec: NLASpec, vectors: torch.Tensor, max_new: int = 64, temperature: float = 1.0,
              role: str = "av", generator: torch.Generator | None = None) -> list[Sample]:
+    """Explanations of `vectors` (greedy when temperature is 0). Every row samples at every step
+    until all have stopped, so the random stream, and hence each row, is the same whatever the
+    others do: the samples equal generate_reference's for the same seed (tested)."""
     model, tok = base.model, base.tokenizer
     n = vectors.shape[0]
     ids = _prompt(spec, n, base.device)
-    stop_ids = {i for i in (tok.eos_token_id, tok.pad_token_id) if i is not None}
+    P = ids.shape[1]
+    stops = StopDetector.of(tok, _stop_ids(tok), CLOSE, base.device)
+    out = torch.empty((n, max_new), dtype=torch.long, device=base.device)
     was_training = model.training
     model.eval()  # HF turns the KV cache off under gradient checkpointing in train mode
     try:
-        return _sample(base, spec, vectors, ids, max_new, temperature, role, generator, stop_ids)
+        dec = Decoder.of(model, n, P + max_new, role)
+        with lora.use(model, role), lora.inference_weights(model, role, dec.dtype):
+            with injected(model, ids, vectors, spec) as emb:
+                logits = dec.prefill(emb)
+            for step in range(max_new):
+                out[:, step] = nxt = pick(logits, temperature, generator)
+                if step + 1 == max_new or ((step + 1) % CHECK_EVERY == 0 and stops.all_stopped(out[:, :step + 1])):
+                    break
+                logits = dec.step(nxt)
     finally:
         model.train(was_training)
+    return [_finish(tok, r) for r in out[:, :step + 1].tolist()]
+
+
+def _finish(tok, row: list[int]) -> Sample:
+    """Cut a row at its first stop: a stop id (failure) or the closing tag (success), found
+    exactly as the reference loop does, on the last 8 tokens decoded after each new one."""
+    stop_ids = _stop_ids(tok)
+    end = next((j for j, t in enumerate(row) if t in stop_ids), len(row) - 1)
+    closed = False
+    if CLOSE in tok.decode(row[:end + 1]):  # necessary for a hit in any 8-token window
+        for j in range(end + 1):
+            if row[j] not in stop_ids and CLOSE in tok.decode(row[max(0, j - 7):j + 1]):
+                end, closed = j, True
+                break
+    r = row[:end + 1]
+    return Sample(r, tok.decode(r, skip_special_tokens=True).split(CLOSE)[0].strip(), closed)
+
+
+@torch.no_grad()
+def generate_reference(base, spec: NLASpec, vectors: torch.Tensor, max_new: int = 64, temperature: float = 1.0,
+                       role: str = "av", generator: torch.Generator | None = None) -> list[Sample]:
+    """The plain loop `generate` is tested against and benchmarked beside (not used in training):
+    an eager forward per token on a dynamic cache, a host decision per row per step."""
+    model, tok = base.model, base.tokenizer
+    n = vectors.shape[0]
+    ids = _prompt(spec, n, base.device)
+    stop_ids = _stop_ids(tok)
+    was_training = model.training
+    model.eval()
+    try:
+        with lora.use(model, role):
+            with injected(model, ids, vectors, spec) as emb:
+                out = model(inputs_embeds=emb, use_cache=True, logits_to_keep=1)
+            past, logits = _cache_of(out), out.logits[:, -1]
+            resp = [[] for _ in range(n)]
+            done = [False] * n
+            closed = [False] * n
+            for _step in range(max_new):
+                nxt = pick(logits, temperature, generator)
+                for i, t in enumerate(nxt.tolist()):
+                    if done[i]:
+                        continue
+                    resp[i].append(t)
+                    if t in stop_ids:
+                        done[i] = True
+                    elif CLOSE in tok.decode(resp[i][-8:]):
+                        done[i] = closed[i] = True
+                if all(done):
+                    break
+                out = model(input_ids=nxt[:, None], use_cache=True, **{_cache_arg(model): past})
+                past, logits = _cache_of(out), out.logits[:, -1]
+    finally:
+        model.train(was_training)
+    return [Sample(r, tok.decode(r, skip_special_tokens=True).split(CLOSE)[0].strip(), ok) for r, ok in zip(resp, closed)]
 
 
 def _cache_arg(model) -> str:
@@ -55,42 +130,6 @@ def _cache_arg(model) -> str:
 
 def _cache_of(out):
     return out.cache if "cache" in out else out.past_key_values
-
-
-def _sample(base, spec, vectors, ids, max_new, temperature, role, generator, stop_ids) -> list[Sample]:
-    model, tok = base.model, base.tokenizer
-    n = vectors.shape[0]
-    with lora.use(model, role):
-        with injected(model, ids, vectors, spec) as emb:
-            out = model(inputs_embeds=emb, use_cache=True, logits_to_keep=1)
-        past, logits = _cache_of(out), out.logits[:, -1]
-        resp = [[] for _ in range(n)]
-        done = [False] * n
-        closed = [False] * n
-        for _step in range(max_new):
-            logits = logits.float()
-            if temperature > 0:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator).flatten()
-            else:
-                nxt = logits.argmax(-1)
-            for i, t in enumerate(nxt.tolist()):
-                if done[i]:
-                    continue
-                resp[i].append(t)
-                if t in stop_ids:
-                    done[i] = True
-                elif CLOSE in tok.decode(resp[i][-8:]):
-                    done[i] = closed[i] = True
-            if all(done):
-                break
-            out = model(input_ids=nxt[:, None], use_cache=True, **{_cache_arg(model): past})
-            past, logits = _cache_of(out), out.logits[:, -1]
-    samples = []
-    for r, ok in zip(resp, closed):
-        text = tok.decode(r, skip_special_tokens=True)
-        samples.append(Sample(r, text.split(CLOSE)[0].strip(), ok))
-    return samples
 
 
 def target_ids(tok, text: str, max_len: int | None = None) -> list[int]:

@@ -13,7 +13,7 @@ from nla import reference
 from nla.collect import SPLITS, load_activations
 from nla.errors import NLAError
 from nla.evaluate import EvalConfig, derangement, evaluate, sentences, shuffle_sentences, tail
-from nla.metrics import score_vectors, token_hits
+from nla.metrics import content_hit_counts, content_hits, content_words, context_words, score_vectors, token_hits
 from nla.models import load_base
 
 ROWS = {"nla", "warm_start", "mean", "shuffled", "prefix", "sentence_shuffle", "paraphrase"}
@@ -76,6 +76,29 @@ def test_token_hits_counts_quoted_tokens_only():
     assert token_hits([], []) == 0.0
 
 
+def test_content_hits_counts_context_words_only():
+    ctx = "Grandmother carried the soup to the harbour, where two boats were sailing past the cities"
+    # content: soup, harbour, boat (plural stripped), city ("cities" -> "city"), kitchen;
+    # the, and, about, with: stopwords; topic, text, last, words, final, token: template
+    x = 'Topic: the text is about soup and a harbour with a boat. Last words: "cities". Final token: "kitchens".'
+    assert content_words(x) == {"soup", "harbour", "boat", "city", "kitchen"}
+    assert content_hit_counts([x], [ctx]) == [(4, 5)]
+    assert content_hits([x], [ctx]) == 0.8
+    # micro-averaged: (4 + 1) / (5 + 2), not the mean of 4/5 and 1/2
+    assert content_hits([x, "glasses of soup"], [ctx, "soup"]) == pytest.approx(5 / 7)
+    # a repeated word is one claim; "glass"/"bus" keep their s; words under 3 letters never count
+    assert content_words("Glass glass GLASS bus ox") == {"glass", "bus"}
+    assert content_words("The topic of the text, about the last words and the final token.") == set()
+    # only the last `window` words of the prefix are the context
+    assert content_hits(["harbour"], [ctx], window=8) == 0.0 and content_hits(["harbour"], [ctx], window=9) == 1.0
+    assert context_words("a b c, d-e", window=2) == {"c", "d", "e"}
+    # nothing to score is 0, not a division by zero
+    assert content_hits([""], [ctx]) == 0.0 and content_hits(["the and for"], [ctx]) == 0.0
+    assert content_hits([], []) == 0.0 and content_hit_counts([""], [ctx]) == [(0, 0)]
+    with pytest.raises(ValueError):
+        content_hits(["a"], [])
+
+
 def test_tail_keeps_the_end(tokenizer):
     text = " ".join(f"w{i}" for i in range(300))
     t = tail(tokenizer, text, 20)
@@ -109,6 +132,11 @@ def test_eval_report_on_tiny_run(tiny_run, tiny_path, tmp_path, capsys):
     per = rep["per_activation"]
     assert hits["nla"] == token_hits([p["explanation"] for p in per], [p["token"] for p in per])
     assert 0 <= hits["shuffled"] <= 1 and hits["warm_start"] is not None and "Token test:" in printed
+    content = rep["content_hits"]
+    assert content["window"] == 40 and all(0 <= content[k] <= 1 for k in ("nla", "shuffled", "warm_start"))
+    found, words = sum(p["content_found"] for p in per), sum(p["content_words"] for p in per)
+    assert content["nla"] == found / max(1, words)
+    assert "content words found in the activation's last 40 words of context" in printed
 
     # the shuffled row is the real explanations under a derangement, scored against the true vectors
     per = rep["per_activation"]

@@ -1,0 +1,167 @@
+"""Token-by-token decoding for the AV's rollouts, at the speed the hardware allows.
+
+A rollout is ~90% of an RL step, and decoding one token of a batch is bound by reading the
+weights once: a few hundred microseconds on a datacenter GPU, which Python and kernel-launch
+overhead easily exceed. So:
+
+- a static KV cache for prompt + cap, allocated once per shape and reused across calls;
+- on CUDA the one-token step is captured once as a CUDA graph and replayed (one launch per token;
+  the adapters it reads are refreshed in place, see lora.inference_weights);
+- stop detection on the device: a host sync only every few steps (verbalizer.CHECK_EVERY).
+
+On CPU the same loop runs the step eagerly. `NLA_CUDA_GRAPH=0` turns graphs off (for a
+comparison, or if a capture ever misbehaves: a failed capture falls back to eager by itself).
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import warnings
+from collections import OrderedDict
+
+import torch
+
+MAX_DECODERS = 3  # cached (shape, role) decoders per model: RL rollouts, evals, explain
+
+
+def pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """The next token of every row: argmax at temperature 0, else a draw from softmax(logits/T)."""
+    logits = logits.float()
+    if temperature > 0:
+        return torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator).flatten()
+    return logits.argmax(-1)
+
+
+class StopDetector:
+    """Has every row stopped? A stop id anywhere, or a closing tag as one of the token sequences
+    the tokenizer produces for it. Only sequences whose decoding holds the tag, in <= 8 tokens,
+    are used: a row this calls closed is closed by the exact rule too (verbalizer._finish), and a
+    rare spelling it misses only costs extra steps, never a different sample."""
+
+    _cache: dict = {}
+
+    def __init__(self, stop_ids: set, seqs: list[tuple[int, ...]], device):
+        self.stop = torch.tensor(sorted(stop_ids) or [-1], device=device)
+        self.seqs = [torch.tensor(s, device=device) for s in seqs]
+
+    @classmethod
+    def of(cls, tok, stop_ids: set, close: str, device) -> "StopDetector":
+        key = (id(tok), close, str(device), tuple(sorted(stop_ids)))
+        if key not in cls._cache:
+            seqs = set()
+            for before in ("", " ", ".", "!", "?", "\n", "\n\n", ".\n", '"', ")", "a", "1", "…"):
+                ids = tok.encode(before + close, add_special_tokens=False)
+                for k in range(1, min(8, len(ids)) + 1):  # the shortest tail that still decodes to the tag
+                    if close in tok.decode(ids[-k:]):
+                        seqs.add(tuple(ids[-k:]))
+                        break
+            cls._cache[key] = cls(stop_ids, sorted(seqs), device)
+        return cls._cache[key]
+
+    def stopped(self, out: torch.Tensor) -> torch.Tensor:
+        """[n] bool over the tokens so far, [n, t]."""
+        hit = torch.isin(out, self.stop).any(1)
+        for s in self.seqs:
+            k = len(s)
+            if out.shape[1] >= k:
+                hit |= (out.unfold(1, k, 1) == s).all(-1).any(1)
+        return hit
+
+    def all_stopped(self, out: torch.Tensor) -> bool:
+        return bool(self.stopped(out).all())  # the one host sync
+
+
+def _cache_kw(model) -> str:
+    # transformers 5.2x renamed past_key_values to cache
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _graphs_wanted(device: torch.device) -> bool:
+    return device.type == "cuda" and os.environ.get("NLA_CUDA_GRAPH", "1") != "0"
+
+
+class Decoder:
+    """Prefill + one-token steps on a static KV cache, for n rows of prompt + cap tokens."""
+
+    def __init__(self, model, n: int, max_len: int, role):
+        from transformers import StaticCache
+        self.model, self.n, self.max_len, self.role = model, n, max_len, role
+        emb = model.get_input_embeddings().weight
+        self.device, self.dtype = emb.device, emb.dtype
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.cache = StaticCache(config=cfg, max_cache_len=max_len)
+        self.kw = _cache_kw(model)
+        self.tok = torch.zeros((n, 1), dtype=torch.long, device=self.device)  # the graph's inputs
+        self.pos = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        self.graph, self.logits = None, None
+        self.use_graph = _graphs_wanted(self.device)
+
+    @classmethod
+    def of(cls, model, n: int, max_len: int, role) -> "Decoder":
+        """One decoder per (rows, length, role, dtype) and model, kept for reuse: an RL run
+        allocates its cache and captures its graph once."""
+        decs = model.__dict__.setdefault("_nla_decoders", OrderedDict())
+        dtype = model.get_input_embeddings().weight.dtype
+        key = (n, max_len, role, dtype)
+        if key in decs:
+            decs.move_to_end(key)
+        else:
+            decs[key] = cls(model, n, max_len, role)
+            while len(decs) > MAX_DECODERS:
+                decs.popitem(last=False)
+        return decs[key]
+
+    def _forward(self, **kw) -> torch.Tensor:
+        return self.model(**kw, **{self.kw: self.cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    def prefill(self, emb: torch.Tensor) -> torch.Tensor:
+        self.cache.reset()
+        P = emb.shape[1]
+        self.pos.fill_(P)
+        return self._forward(inputs_embeds=emb, position_ids=torch.arange(P, device=self.device)[None])
+
+    def step(self, nxt: torch.Tensor) -> torch.Tensor:
+        """Logits after appending token `nxt` [n] to every row."""
+        self.tok.copy_(nxt[:, None])
+        if self.use_graph and self.graph is None:
+            self._capture()
+        if self.graph is not None:
+            self.graph.replay()
+            out = self.logits
+        else:
+            out = self._forward(input_ids=self.tok, position_ids=self.pos)
+        self.pos += 1
+        return out
+
+    def _lengths(self):
+        return [layer.cumulative_length for layer in getattr(self.cache, "layers", [])
+                if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)]
+
+    def _capture(self) -> None:
+        """Record one step. Warm-up steps first (on a side stream, as CUDA graphs require) write
+        a junk key/value at the next slot, which the real step overwrites before anything reads
+        it; the cache's fill counters are put back afterwards."""
+        lengths = self._lengths()
+        saved = [t.clone() for t in lengths]
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    for t, s in zip(lengths, saved):
+                        t.copy_(s)
+                    self._forward(input_ids=self.tok, position_ids=self.pos)
+            torch.cuda.current_stream().wait_stream(side)
+            for t, s in zip(lengths, saved):
+                t.copy_(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.logits = self._forward(input_ids=self.tok, position_ids=self.pos)
+            self.graph = graph
+        except Exception as e:  # anything a graph cannot hold (a host sync, a library op): run eagerly
+            warnings.warn(f"nla: CUDA graph capture of the decode step failed ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:160]}); decoding eagerly")
+            self.use_graph, self.graph, self.logits = False, None, None
+            torch.cuda.synchronize()
+        for t, s in zip(lengths, saved):
+            t.copy_(s)

@@ -1,0 +1,107 @@
+"""The rollout loop (static KV cache, device-side stop checks) gives exactly the samples of the
+plain reference loop (dynamic cache, a host decision per row per step) for the same seed:
+greedy and sampled, on the tiny model, on the shipped NLA (which really closes its tags), and
+with rows scripted to stop in every way (closing tag, odd tokenisation of it, EOS, the cap)."""
+import pytest
+import torch
+
+import nla.verbalizer as V
+from nla import lora
+from nla.decoding import StopDetector
+from nla.models import load_base
+from nla.spec import CLOSE, build_spec
+
+
+@pytest.fixture(scope="module")
+def av_base(tiny_path):
+    base = load_base(tiny_path, device="cpu")
+    lora.attach(base.model, {"av": 4})
+    with torch.no_grad():
+        for p in lora.params(base.model, "av"):
+            p.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+    return base
+
+
+def _spec(base):
+    return build_spec(base, 2, {"injection_scale": 3.0, "mse_mean": {"train": 1.5}}, "replace", 4, 4)
+
+
+def _both(base, spec, v, max_new, temperature, seed=0, role="av"):
+    out = []
+    for fn in (V.generate, V.generate_reference):
+        g = torch.Generator().manual_seed(seed) if temperature > 0 else None
+        out.append(fn(base, spec, v, max_new, temperature, role=role, generator=g))
+    return out
+
+
+def _same(a, b):
+    assert [s.ids for s in a] == [s.ids for s in b]
+    assert [s.ok for s in a] == [s.ok for s in b] and [s.text for s in a] == [s.text for s in b]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_same_samples_as_reference_loop(av_base, temperature):
+    spec = _spec(av_base)
+    v = torch.randn(5, av_base.d_model, generator=torch.Generator().manual_seed(1))
+    for seed in (0, 1):
+        a, b = _both(av_base, spec, v, 19, temperature, seed)
+        _same(a, b)
+        assert all(len(s.ids) == 19 for s in a)  # a random model never stops: the cap
+
+
+def test_same_samples_with_scripted_stops(av_base, monkeypatch):
+    """Rows forced to stop in each way the exact rule knows, at different steps."""
+    tok = av_base.tokenizer
+    spec = _spec(av_base)
+    close = tok.encode(CLOSE, add_special_tokens=False)
+    spelled = [t for ch in CLOSE for t in tok.encode(ch, add_special_tokens=False)]  # one token per character
+    script = {0: {3 + i: t for i, t in enumerate(tok.encode(" hi" + CLOSE, add_special_tokens=False))},
+              1: {2: tok.eos_token_id},
+              2: {1 + i: t for i, t in enumerate(spelled)},  # 14 tokens: never inside one 8-token window
+              3: {9 + i: t for i, t in enumerate(close)},
+              4: {}}
+    real = V.pick
+
+    def scripted(logits, temperature, generator):
+        nxt = real(logits, temperature, generator)
+        step = scripted.calls[id(generator)]
+        scripted.calls[id(generator)] += 1
+        for row, at in script.items():
+            if step in at:
+                nxt[row] = at[step]
+        return nxt
+    scripted.calls = {}
+    monkeypatch.setattr(V, "pick", scripted)
+    v = torch.randn(5, av_base.d_model, generator=torch.Generator().manual_seed(2))
+    outs = []
+    for fn in (V.generate, V.generate_reference):
+        g = torch.Generator().manual_seed(7)
+        scripted.calls[id(g)] = 0
+        outs.append(fn(av_base, spec, v, 30, 1.0, generator=g))
+    a, b = outs
+    _same(a, b)
+    assert [s.ok for s in a] == [True, False, False, True, False]
+    assert a[1].ids[-1] == tok.eos_token_id and len(a[1].ids) == 3
+    assert len(a[4].ids) == 30 and a[0].text.endswith("hi")
+
+
+def test_stop_detector_only_calls_closed_what_the_exact_rule_does(tokenizer):
+    det = StopDetector.of(tokenizer, {tokenizer.eos_token_id}, CLOSE, "cpu")
+    assert det.seqs
+    for s in det.seqs:
+        assert len(s) <= 8 and CLOSE in tokenizer.decode(s.tolist())
+    rows = torch.tensor([[5, 6, 7] + det.seqs[0].tolist(), [5] * (3 + len(det.seqs[0]))])
+    assert det.stopped(rows).tolist() == [True, False]
+
+
+def test_same_samples_on_the_shipped_nla():
+    """The embedded model with the shipped AV: real explanations that close their tag."""
+    from nla import checkpoint
+    from nla.explain import shipped_checkpoint
+    base = load_base("smollm2", device="cpu")
+    spec, _head, _ = checkpoint.load(shipped_checkpoint("smollm2", 20), base, ("av",))
+    v = torch.randn(6, base.d_model, generator=torch.Generator().manual_seed(0)) * 240
+    for temperature in (0.0, 1.0):
+        a, b = _both(base, spec, v, 48, temperature, seed=3)
+        _same(a, b)
+    assert any(s.ok for s in a)
