@@ -1,11 +1,15 @@
 """Speed of each Triton kernel against its torch reference, and bandwidth against a device copy.
 
-GPU only. For every kernel and size: torch ms, Triton ms, the speed-up, and for the memory-bound
-kernels (injection, reward) the achieved GB/s as a fraction of a plain `copy_` measured in the
-same run (the practical ceiling). Log-probs is compute-bound: it reports TFLOP/s and the peak
-memory of the naive log_softmax against the chunked torch path and the Triton path.
+GPU only (on a machine without CUDA it says so and exits). For every kernel and size: torch ms,
+Triton ms, the speed-up, and for the memory-bound kernels (injection, reward) the achieved GB/s as
+a fraction of a plain `copy_` measured in the same run (the practical ceiling). Log-probs is
+GEMM-bound: forward and forward+backward (gradient wrt hidden, as in GRPO with a frozen head; add
+--weight-grad for the head's too), their TFLOP/s, and the peak extra memory of the naive
+log_softmax, the chunked torch path and the Triton path. It ends by checking the log-prob targets:
+Triton >= 1.0x the chunked torch path at every size, >= 1.5x at N=9600 with V=152k, and no more
+peak memory than the chunked torch path.
 
-    python bench/kernels.py [--dtype bf16|fp32] [--quick]
+    python bench/kernels.py [--dtype bf16|fp32] [--quick] [--only inject|reward|logprobs] [--weight-grad]
 """
 import os
 import sys
@@ -35,38 +39,36 @@ def bench_ms(fn, reps: int = 50) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def peak_mib(fn):
+    """Peak memory `fn` allocates beyond what was live before it, in MiB (None on OOM)."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    try:
+        fn()
+        torch.cuda.synchronize()
+    except torch.cuda.OutOfMemoryError:
+        return None
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def copy_gbs() -> float:
     x = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
     return 2 * x.numel() / bench_ms(lambda: y.copy_(x)) / 1e6
 
 
-def row(name, size, t_ms, k_ms, gb=None, peak=None, flops=None):
+def row(name, size, t_ms, k_ms, gb=None, flops=None):
     extra = ""
     if gb is not None:
         extra = f"{gb / k_ms / 1e6:8.0f} GB/s {gb / k_ms / 1e6 / PEAK:6.0%} of copy"
     if flops is not None:
-        extra = f"{flops / k_ms / 1e9:8.1f} TFLOP/s"
-    print(f"{name:15} {size:24} {t_ms:9.3f} {k_ms:9.3f} {t_ms / k_ms:7.2f}x  {extra}")
+        extra = f"{flops / t_ms / 1e9:8.1f} / {flops / k_ms / 1e9:.1f} TFLOP/s (torch / triton)"
+    print(f"{name:16} {size:28} {t_ms:9.3f} {k_ms:9.3f} {t_ms / k_ms:7.2f}x  {extra}")
 
 
-def main():
-    global PEAK
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    ap.add_argument("--quick", action="store_true", help="fewer sizes")
-    a = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench/kernels.py needs a CUDA GPU (the CPU path is the torch reference itself)")
-    dt = torch.bfloat16 if a.dtype == "bf16" else torch.float32
-    el = torch.tensor([], dtype=dt).element_size()
-    dev = "cuda"
-    PEAK = copy_gbs()
-    print(f"device: {torch.cuda.get_device_name()}  dtype: {a.dtype}  copy bandwidth: {PEAK:.0f} GB/s")
-    print(f"{'kernel':15} {'size':24} {'torch ms':>9} {'triton ms':>9} {'speedup':>8}")
-    ds = [576, 3584] if a.quick else [576, 2048, 3584, 8192]
-    ns = [64, 4096] if a.quick else [64, 512, 4096]
-
+def bench_inject(ds, ns, dt, el, dev):
     for d in ds:
         for n in ns:  # n prompts of 96 tokens, one placeholder each
             T, V = 96, 32768
@@ -83,7 +85,10 @@ def main():
             k = bench_ms(lambda: kernels.inject_add_triton(h, slots, vec))
             row("inject_add", f"n={n} T={T} d={d}", t, k, gb=2 * n * T * d * el + n * T * 8)
             del W, h
+            torch.cuda.empty_cache()
 
+
+def bench_reward(ds, ns, dt, el, dev):
     for d in ds:
         for n in ns:
             p = torch.randn(n, d, device=dev, dtype=dt)
@@ -93,33 +98,95 @@ def main():
             k = bench_ms(lambda: kernels.reward_stats_triton(p, q, 0.6, 8, valid=ok))
             row("reward_stats", f"N={n} G=8 d={d}", t, k, gb=2 * n * d * el + 21 * n)
 
-    for d, V in ([(576, 49152), (3584, 152064)] if a.quick else [(576, 49152), (2048, 128256), (3584, 152064)]):
+
+def bench_logprobs(shapes, dt, dev, weight_grad):
+    """Returns one record per size: the speed-ups and peak memories the targets are about."""
+    records = []
+    for d, V in shapes:
         for n in [1200, 9600]:  # 8 x G=8 x 150 response tokens = 9600
-            h = torch.randn(n, d, device=dev, dtype=dt) * 0.5
-            W = torch.randn(V, d, device=dev, dtype=dt) * 0.05
-            tg = torch.randint(0, V, (n,), device=dev)
+            h = torch.randn(n, d, device=dev, dtype=dt)
+            W = torch.randn(V, d, device=dev, dtype=dt) * 0.02
+            tg = torch.randint(0, V, (n, ), device=dev)
+            gout = torch.randn(n, device=dev)
+            hg = h.clone().requires_grad_()
+            Wg = W.clone().requires_grad_(weight_grad)
+            impls = {"torch": kernels.token_logprobs_torch, "triton": kernels.token_logprobs_triton}
 
-            def naive():
-                return torch.log_softmax((h @ W.T).float(), -1).gather(1, tg[:, None])
+            def fwd(impl):
+                return lambda: impls[impl](h, W, tg)
 
-            t = bench_ms(lambda: kernels.token_logprobs_torch(h, W, tg), reps=10)
-            k = bench_ms(lambda: kernels.token_logprobs_triton(h, W, tg), reps=10)
-            row("token_logprobs", f"N={n} d={d} V={V}", t, k, flops=2 * n * d * V)
-            peaks = []
-            for fn in (naive, lambda: kernels.token_logprobs_torch(h, W, tg),
-                       lambda: kernels.token_logprobs_triton(h, W, tg)):
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                try:
-                    fn()
-                    torch.cuda.synchronize()
-                    peaks.append(f"{(torch.cuda.max_memory_allocated() - base) / 2**20:.0f} MiB")
-                except torch.cuda.OutOfMemoryError:
-                    peaks.append("OOM")
-            print(f"{'':15} extra memory: naive {peaks[0]}, chunked torch {peaks[1]}, triton {peaks[2]}")
-            del h, W
+            def fwd_bwd(impl):
+                def run():
+                    hg.grad = Wg.grad = None
+                    impls[impl](hg, Wg, tg).backward(gout)
+                return run
+
+            size = f"N={n} d={d} V={V}"
+            f_t, f_k = (bench_ms(fwd(i), reps=10) for i in impls)
+            row("logprobs fwd", size, f_t, f_k, flops=2 * n * d * V)
+            b_t, b_k = (bench_ms(fwd_bwd(i), reps=10) for i in impls)
+            gemms = 4 if weight_grad else 3  # forward, recomputed logits, gh (and gw)
+            row("logprobs fwd+bwd", size, b_t, b_k, flops=gemms * 2 * n * d * V)
+            mem = {"naive fwd": peak_mib(lambda: torch.log_softmax((h @ W.T).float(), -1).gather(1, tg[:, None]))}
+            for i in impls:
+                mem[f"{i} fwd"] = peak_mib(fwd(i))
+                mem[f"{i} fwd+bwd"] = peak_mib(fwd_bwd(i))
+            print(f"{'':16} peak extra MiB: " + ", ".join(
+                f"{k} {'OOM' if v is None else f'{v:.0f}'}" for k, v in mem.items()))
+            records.append(dict(n=n, d=d, V=V, fwd=f_t / f_k, fwd_bwd=b_t / b_k, mem=mem))
+            del h, W, hg, Wg
             torch.cuda.empty_cache()
+    return records
+
+
+def check_targets(records):
+    print("\nlog-prob targets (triton against the chunked torch path):")
+    worst_f = min(records, key=lambda r: r["fwd"])
+    worst_b = min(records, key=lambda r: r["fwd_bwd"])
+    print(f"  >= 1.0x at every size: fwd min {worst_f['fwd']:.2f}x (N={worst_f['n']} V={worst_f['V']}), "
+          f"fwd+bwd min {worst_b['fwd_bwd']:.2f}x (N={worst_b['n']} V={worst_b['V']}) -> "
+          f"{'met' if min(worst_f['fwd'], worst_b['fwd_bwd']) >= 1.0 else 'MISSED'}")
+    big = [r for r in records if r["n"] == 9600 and r["V"] == 152064]
+    for r in big:
+        print(f"  >= 1.5x at N=9600 d={r['d']} V=152064: fwd {r['fwd']:.2f}x, fwd+bwd {r['fwd_bwd']:.2f}x -> "
+              f"{'met' if min(r['fwd'], r['fwd_bwd']) >= 1.5 else 'MISSED'}")
+    ok = True
+    for r in records:
+        for phase in ("fwd", "fwd+bwd"):
+            t, k = r["mem"][f"torch {phase}"], r["mem"][f"triton {phase}"]
+            if k is None or (t is not None and k > t):
+                ok = False
+                print(f"  memory: N={r['n']} V={r['V']} {phase}: triton {k} MiB > torch {t} MiB")
+    print(f"  peak memory <= chunked torch at every size and phase -> {'met' if ok else 'MISSED'}")
+
+
+def main():
+    global PEAK
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--quick", action="store_true", help="fewer sizes")
+    ap.add_argument("--only", choices=["inject", "reward", "logprobs"], help="one kernel family")
+    ap.add_argument("--weight-grad", action="store_true", help="log-probs backward also into the head")
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/kernels.py needs a CUDA GPU; nothing measured (on CPU the torch reference is what runs)")
+        return
+    dt = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    el = torch.tensor([], dtype=dt).element_size()
+    dev = "cuda"
+    PEAK = copy_gbs()
+    print(f"device: {torch.cuda.get_device_name()}  dtype: {a.dtype}  copy bandwidth: {PEAK:.0f} GB/s")
+    print(f"{'kernel':16} {'size':28} {'torch ms':>9} {'triton ms':>9} {'speedup':>8}")
+    ds = [576, 3584] if a.quick else [576, 2048, 3584, 8192]
+    ns = [64, 4096] if a.quick else [64, 512, 4096]
+    if a.only in (None, "inject"):
+        bench_inject(ds, ns, dt, el, dev)
+    if a.only in (None, "reward"):
+        bench_reward(ds, ns, dt, el, dev)
+    if a.only in (None, "logprobs"):
+        # SmolLM2-135M, Llama-3.2-1B-shaped, Qwen2.5-7B
+        shapes = [(576, 49152), (3584, 152064)] if a.quick else [(576, 49152), (2048, 128256), (3584, 152064)]
+        check_targets(bench_logprobs(shapes, dt, dev, a.weight_grad))
 
 
 if __name__ == "__main__":

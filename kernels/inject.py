@@ -5,7 +5,9 @@ activation rescaled to `scale` instead, in one pass (no [B, T, d] intermediate b
 `add` (Activation Oracles): at a hidden state h, add ||h_p|| * v/||v|| at the placeholder.
 
 slots [B, T] holds -1, or the row k of `vectors` to put at that position. Norms are taken in fp32
-whatever the storage dtype. Torch references first, Triton kernels below them.
+whatever the storage dtype. Torch references first, Triton kernels below them. The kernels
+compute offsets in int64: a [B, T, d] output passes 2^31 elements at realistic sizes (4096 prompts
+x 96 tokens x d=8192 is 3.2e9), where 32-bit offsets wrapped into an illegal memory access.
 """
 from __future__ import annotations
 
@@ -57,10 +59,11 @@ def _kernels():
     def replace_kernel(W, IDS, SLOTS, V, OUT, d, T, scale,
                        s_wv, s_wd, s_ib, s_it, s_sb, s_st, s_vn, s_vd,
                        BLOCK_D: tl.constexpr):
-        row = tl.program_id(0)  # one token position per program
+        # int64 offsets: B*T*d passes 2^31 at e.g. 4096 x 96 x 8192, and V*d can for a big vocabulary
+        row = tl.program_id(0).to(tl.int64)  # one token position per program
         b, t = row // T, row % T
-        tok = tl.load(IDS + b * s_ib + t * s_it)
-        slot = tl.load(SLOTS + b * s_sb + t * s_st)
+        tok = tl.load(IDS + b * s_ib + t * s_it).to(tl.int64)
+        slot = tl.load(SLOTS + b * s_sb + t * s_st).to(tl.int64)
         cols = tl.arange(0, BLOCK_D)
         m = cols < d
         inj = (slot + cols * 0) >= 0  # broadcast: a scalar-bool mask is not accepted everywhere
@@ -74,9 +77,9 @@ def _kernels():
     @triton.jit
     def add_kernel(H, SLOTS, V, OUT, d, T, s_hb, s_ht, s_hd, s_sb, s_st, s_vn, s_vd,
                    BLOCK_D: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # int64 offsets, as in replace_kernel
         b, t = row // T, row % T
-        slot = tl.load(SLOTS + b * s_sb + t * s_st)
+        slot = tl.load(SLOTS + b * s_sb + t * s_st).to(tl.int64)
         cols = tl.arange(0, BLOCK_D)
         m = cols < d
         inj = (slot + cols * 0) >= 0

@@ -5,7 +5,8 @@ Rows are vectors of norm sqrt(d) after normalisation, so MSE = 2(1 - cos) in [0,
 `valid` is False (no closing tag, or cut at the cap). Advantages standardise rewards within each
 group of `group_size` consecutive rows: (r - mean) / (std + eps) with the population std, and
 exactly 0 for a group whose rewards are all equal (nothing to learn from it). Accumulation is fp32
-for any input dtype. The Triton kernel does all of it in one launch, one program per group.
+for any input dtype. The Triton kernel does all of it in one launch, one program per group, with
+int64 row offsets (N x d can pass 2^31 elements).
 """
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def _kernel():
     def reward_kernel(P, TG, VALID, MSE, COS, FVE, REW, ADV, d, G, mse_mean, fail_reward,
                       s_pn, s_pd, s_tn, s_td,
                       HAS_VALID: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
-        grp = tl.program_id(0)
+        grp = tl.program_id(0).to(tl.int64)  # rows * stride passes 2^31 once N * d does
         rows = grp * G + tl.arange(0, BLOCK_G)
         rm = tl.arange(0, BLOCK_G) < G
         pp = tl.zeros([BLOCK_G], dtype=tl.float32)

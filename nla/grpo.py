@@ -35,30 +35,36 @@ def _chunks(n: int, micro: int) -> list[slice]:
     return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 
+def _now(dev) -> float:
+    if dev.type == "cuda":  # phase timings in the metrics; one sync per phase is noise next to a step
+        torch.cuda.synchronize(dev)
+    return time.time()
+
+
 def update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps, t0=None, micro: int = 0) -> dict:
     t0 = t0 or time.time()
+    t1 = _now(vecs.device)
     ok = torch.tensor([s.ok for s in samples], device=vecs.device)
     texts = [s.text for s in samples]
     good = ok.nonzero().flatten().tolist()
-    pred = torch.zeros_like(vecs, dtype=torch.float32)
-    with torch.no_grad():
-        for c in _chunks(len(good), micro):
-            pred[good[c]] = reconstruct(base, spec, head, [texts[i] for i in good[c]]).float()
-    stats = score(pred, vecs, spec.mse_mean, G, valid=ok)
-
-    # AR: one regression step on the fresh explanations
-    ar_params = lora.params(base.model, "ar") + list(head.parameters())
     n_good = dist.sum_(torch.tensor(float(len(good))))
+
+    # AR: one forward per chunk serves the reward (the AR as it was when the texts were sampled:
+    # its step comes after every chunk) and the regression step on the fresh explanations
+    ar_params = lora.params(base.model, "ar") + list(head.parameters())
     opt_ar.zero_grad(set_to_none=True)
-    ar_loss = torch.tensor(0.0)
+    pred = torch.zeros_like(vecs, dtype=torch.float32)
     for c in _chunks(len(good), micro):
         rows = good[c]
-        loss_c = mse(reconstruct(base, spec, head, [texts[i] for i in rows]), vecs[rows]).sum() / n_good.clamp_min(1)
-        loss_c.backward()
-        ar_loss = ar_loss + loss_c.detach().cpu()
+        p = reconstruct(base, spec, head, [texts[i] for i in rows])
+        (mse(p, vecs[rows]).sum() / n_good.clamp_min(1)).backward()
+        pred[rows] = p.detach().float()
+    stats = score(pred, vecs, spec.mse_mean, G, valid=ok)
+    ar_loss = (mse(pred[good], vecs[good].float()).sum() / n_good.clamp_min(1)).detach().cpu() if good else torch.tensor(0.0)
     dist.sum_grads(ar_params)
     if n_good > 0:
         opt_ar.step()
+    t2 = _now(vecs.device)
 
     # AV: one GRPO step
     av_params = lora.params(base.model, "av")
@@ -79,6 +85,7 @@ def update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps
         kl_sum += float((kl.detach() * mask).sum())
     dist.sum_grads(av_params)
     opt_av.step()
+    t3 = _now(vecs.device)
 
     groups = stats.reward.view(-1, G)
     zero = (groups.max(1).values == groups.min(1).values).float()
@@ -89,4 +96,5 @@ def update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps
         reward_mean=r_mean, reward_std=(s((stats.reward ** 2).sum()) / n - r_mean ** 2) ** 0.5,
         train_fve=s(stats.fve[ok].sum()) / max(1.0, float(n_good)), ar_loss=float(dist.sum_(ar_loss.detach().cpu())),
         kl=s(kl_sum) / float(n_tok), expl_len=float(n_tok) / n,
-        fail_frac=1 - float(n_good) / n, zero_spread=s(zero.sum()) / s(len(zero)), step_time=time.time() - t0)
+        fail_frac=1 - float(n_good) / n, zero_spread=s(zero.sum()) / s(len(zero)), step_time=time.time() - t0,
+        rollout_time=t1 - t0, ar_time=t2 - t1, grpo_time=t3 - t2)

@@ -68,7 +68,9 @@ class LoRALinear(nn.Module):
             return y
         if self.switch.fast and a.fast is not None and a.fast[0].dtype == x.dtype:
             return y + (x @ a.fast[0].t()) @ a.fast[1].t()
-        return y + ((x.to(a.A.dtype) @ a.A.t()) @ a.B.t() * a.scale).to(y.dtype)
+        if x.dtype != a.A.dtype:  # mixed precision: fp32 master weights, cast (small) rather than x (large)
+            return y + ((x @ a.A.to(x.dtype).t()) @ a.B.to(x.dtype).t() * a.scale).to(y.dtype)
+        return y + ((x @ a.A.t()) @ a.B.t() * a.scale).to(y.dtype)
 
 
 def _wrapped(model: nn.Module) -> list[tuple[str, LoRALinear]]:

@@ -1,13 +1,31 @@
-"""Parity of every Triton kernel with its torch reference, under the interpreter on CPU.
+"""Parity of every Triton kernel with its torch reference: under the interpreter on CPU, or with
+real Triton on CUDA when NLA_TEST_GPU=1 (`NLA_TEST_GPU=1 pytest -m "gpu or not slow" tests/test_kernels.py`).
 
-Odd shapes (d not a power of two, groups that do not fill a block), strided inputs, bf16 and
-fp32; outputs start as NaN (NLA_KERNELS_POISON) so an element a kernel never wrote fails.
+Odd shapes (d not a power of two, groups that do not fill a block, V not a multiple of the vocabulary
+block), strided inputs, bf16 and fp32; outputs start as NaN (NLA_KERNELS_POISON) so an element a
+kernel never wrote fails. The same tests run on the GPU, which adds realistic log-prob shapes and
+tensors past 2^31 elements (tests marked gpu: too big or too slow for the interpreter).
 """
+import os
+
 import pytest
 import torch
 
 import kernels
-from kernels.dispatch import backend
+import kernels.logprobs as lpmod
+from kernels.dispatch import backend, interpreting
+
+ON_GPU = os.environ.get("NLA_TEST_GPU") == "1" and torch.cuda.is_available()
+DEV = "cuda" if ON_GPU else "cpu"
+# NLA_TEST_GPU=1 turns the interpreter off (conftest), so without CUDA the kernels cannot run at all
+needs_triton = pytest.mark.skipif(not (ON_GPU or interpreting()), reason="needs CUDA or TRITON_INTERPRET=1")
+gpu_only = [pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs CUDA and NLA_TEST_GPU=1")]
+
+
+def gpu_test(f):
+    for mark in gpu_only:
+        f = mark(f)
+    return f
 
 
 @pytest.fixture(autouse=True)
@@ -21,7 +39,7 @@ def tol(dtype):
 
 def strided(x: torch.Tensor) -> torch.Tensor:
     """Same values, non-contiguous storage (every other column of a wider tensor)."""
-    wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+    wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
     wide[..., ::2] = x
     return wide[..., ::2]
 
@@ -33,15 +51,16 @@ def slots_for(B, T, g):
     return slots
 
 
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,T,d,V", [(3, 7, 72, 50), (1, 1, 17, 5), (4, 13, 130, 301)])
 @pytest.mark.parametrize("stride", [False, True])
 def test_inject_replace(dtype, B, T, d, V, stride):
     g = torch.Generator().manual_seed(B * T + d)
-    W = torch.randn(V, d, generator=g).to(dtype)
-    ids = torch.randint(0, V, (B, T), generator=g)
-    vec = (torch.randn(B, d, generator=g) * 40).to(dtype)
-    slots = slots_for(B, T, g)
+    W = torch.randn(V, d, generator=g).to(DEV, dtype)
+    ids = torch.randint(0, V, (B, T), generator=g).to(DEV)
+    vec = (torch.randn(B, d, generator=g) * 40).to(DEV, dtype)
+    slots = slots_for(B, T, g).to(DEV)
     if stride:
         W, vec = strided(W), strided(vec)
         ids, slots = ids.t().contiguous().t(), slots.t().contiguous().t()  # column-major
@@ -54,14 +73,15 @@ def test_inject_replace(dtype, B, T, d, V, stride):
     torch.testing.assert_close(out[slots < 0], W[ids[slots < 0]])  # untouched positions are exact
 
 
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,T,d", [(3, 7, 72), (2, 5, 33)])
 @pytest.mark.parametrize("stride", [False, True])
 def test_inject_add_forward_and_grad(dtype, B, T, d, stride):
     g = torch.Generator().manual_seed(d)
-    h0 = (torch.randn(B, T, d, generator=g) * 3).to(dtype)
-    vec = torch.randn(B, d, generator=g).to(dtype)
-    slots = slots_for(B, T, g)
+    h0 = (torch.randn(B, T, d, generator=g) * 3).to(DEV, dtype)
+    vec = torch.randn(B, d, generator=g).to(DEV, dtype)
+    slots = slots_for(B, T, g).to(DEV)
     if stride:
         h0, vec = strided(h0), strided(vec)
     h_ref = h0.detach().clone().requires_grad_()
@@ -70,13 +90,14 @@ def test_inject_add_forward_and_grad(dtype, B, T, d, stride):
     out = kernels.inject_add_triton(h_tri, slots, vec)
     assert not out.isnan().any()
     torch.testing.assert_close(out, ref, **tol(dtype))
-    gout = torch.randn(B, T, d, generator=g).to(dtype)
+    gout = torch.randn(B, T, d, generator=g).to(DEV, dtype)
     ref.backward(gout)
     out.backward(gout)
     torch.testing.assert_close(h_tri.grad, h_ref.grad, **tol(dtype))
     assert h_tri.grad[slots >= 0].ne(gout[slots >= 0]).any()  # the norm's gradient is really there
 
 
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N,G,d", [(12, 4, 72), (15, 5, 130), (7, 1, 17), (6, 3, 576)])
 @pytest.mark.parametrize("with_valid", [False, True])
@@ -91,7 +112,8 @@ def test_reward_stats(dtype, N, G, d, with_valid):
     valid = (torch.rand(N, generator=g) > 0.3) if with_valid else None
     if valid is not None and G > 1:
         valid[G:2 * G] = True
-    p, t = strided(pred), strided(target)
+    p, t = strided(pred.to(DEV)), strided(target.to(DEV))
+    valid = valid.to(DEV) if valid is not None else None
     ref = kernels.reward_stats_torch(p, t, 0.62, G, valid=valid)
     out = kernels.reward_stats_triton(p, t, 0.62, G, valid=valid)
     for name, a, b in zip(ref._fields, out, ref):
@@ -104,40 +126,177 @@ def test_reward_stats(dtype, N, G, d, with_valid):
         assert out.reward[~valid].eq(-2.0).all()
 
 
+@needs_triton
 def test_reward_stats_rejects_bad_groups():
-    x = torch.randn(10, 8)
+    x = torch.randn(10, 8, device=DEV)
     with pytest.raises(ValueError, match="groups of 4"):
         kernels.reward_stats_torch(x, x, 1.0, 4)
     with pytest.raises(ValueError, match="groups of 4"):
         kernels.reward_stats_triton(x, x, 1.0, 4)
 
 
+# ---------------------------------------------------------------- token log-probs
 def naive_logprobs(h, w, t):
     return torch.log_softmax((h @ w.T).float(), -1).gather(1, t[:, None]).squeeze(1)
 
 
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def run_logprobs(fn, h0, w0, t, gout):
+    """lp and its gradients wrt hidden and weight; gout None means lp.sum() (a stride-0 gradient)."""
+    h, w = h0.detach().clone().requires_grad_(), w0.detach().clone().requires_grad_()
+    lp = fn(h, w, t)
+    (lp.sum() if gout is None else lp).backward(None if gout is None else gout)
+    return lp.detach(), h.grad, w.grad
+
+
+SMALL = [(1, 24, 1000), (7, 40, 4099), (33, 24, 1000), (33, 40, 4099)]
+BIG = [pytest.param(2048, 576, 49152, marks=gpu_only, id="smollm2"),
+       pytest.param(512, 3584, 152064, marks=gpu_only, id="qwen7b")]
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("N,d,V", [(5, 72, 300), (37, 33, 129), (1, 16, 17)])
-@pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_token_logprobs(dtype, N, d, V, impl, monkeypatch):
-    import kernels.logprobs as lpmod
-    monkeypatch.setattr(lpmod, "CHUNK_ELEMS", 2 * V + 1)  # several chunks even at these sizes
+@pytest.mark.parametrize("N,d,V", SMALL + BIG)
+def test_token_logprobs(dtype, N, d, V, monkeypatch):
+    small = (N, d, V) in SMALL
+    if small:
+        # several chunks, several vocabulary blocks and a ragged last one, even at these sizes
+        monkeypatch.setattr(lpmod, "CHUNK_ELEMS", 2 * V + 1)
+        monkeypatch.setattr(lpmod, "FWD_BLOCK", 1024)
+        monkeypatch.setattr(lpmod, "BWD_BLOCK", 1024)
+    elif dtype == torch.float32:
+        pytest.skip("realistic shapes run in the model's dtype, bf16")
     g = torch.Generator().manual_seed(N + V)
-    h0 = torch.randn(N, d, generator=g).to(dtype)
-    w0 = (torch.randn(V, d, generator=g) * 0.3).to(dtype)
+    h0 = torch.randn(N, d, generator=g).to(DEV, dtype)
+    w0 = (torch.randn(V, d, generator=g) * (0.3 if small else 0.02)).to(DEV, dtype)
     t = torch.randint(0, V, (N,), generator=g)
-    h0, w0 = strided(h0), strided(w0)
-    hr, wr = h0.clone().requires_grad_(), w0.clone().requires_grad_()
-    hk, wk = h0.clone().requires_grad_(), w0.clone().requires_grad_()
-    ref = naive_logprobs(hr, wr, t)
-    out = getattr(kernels, f"token_logprobs_{impl}")(hk, wk, t)
-    assert out.dtype == torch.float32 and not out.isnan().any()
-    torch.testing.assert_close(out, ref, atol=1e-4 if dtype == torch.float32 else 3e-2, rtol=1e-4)
-    gout = torch.randn(N, generator=g)
-    ref.backward(gout)
-    out.backward(gout)
-    torch.testing.assert_close(hk.grad, hr.grad, **tol(dtype))
-    torch.testing.assert_close(wk.grad, wr.grad, **tol(dtype))
+    t[-1], t[0] = 0, V - 1  # both ends of the vocabulary (N=1: the last, in the ragged block)
+    t = t.to(DEV)
+    gout = None if N == 7 else torch.randn(N, generator=g).to(DEV)
+    if small:
+        h0, w0 = strided(h0), strided(w0)
+    naive = run_logprobs(naive_logprobs, h0, w0, t, gout)
+    ref = run_logprobs(kernels.token_logprobs_torch, h0, w0, t, gout)
+    out = run_logprobs(kernels.token_logprobs_triton, h0, w0, t, gout)
+    lp = out[0]
+    assert lp.dtype == torch.float32 and lp.shape == (N,) and not lp.isnan().any()
+    for name, a, b in zip(("lp", "gh", "gw"), out, ref):
+        assert a.dtype == b.dtype and not a.isnan().any(), name
+    # bf16 logits round to 2^-8 relative; at realistic scale a logit near 6 may differ by one such
+    # step between GEMMs of different row counts (the naive one, the torch chunks, ours)
+    lp_tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2 if small else 5e-2, rtol=0)
+    torch.testing.assert_close(lp, naive[0], **lp_tol)
+    torch.testing.assert_close(lp, ref[0], **lp_tol)
+    if small:
+        for name, a, b, c in zip(("gh", "gw"), out[1:], ref[1:], naive[1:]):
+            torch.testing.assert_close(a, c, **tol(dtype), msg=name)
+            torch.testing.assert_close(a, b, **tol(dtype), msg=name)
+    else:  # bf16 rounding of chunk products: compare whole tensors, not single elements
+        for name, a, b, c in zip(("gh", "gw"), out[1:], ref[1:], naive[1:]):
+            assert rel_err(a, c) < 1e-2 and rel_err(a, b) < 1e-2, (name, rel_err(a, c), rel_err(a, b))
+
+
+@needs_triton
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_token_logprobs_frozen_head(impl, monkeypatch):
+    """The NLA case: the head needs no gradient, so none is built; the hidden one is unchanged."""
+    monkeypatch.setattr(lpmod, "CHUNK_ELEMS", 700)
+    g = torch.Generator().manual_seed(3)
+    h0 = torch.randn(9, 40, generator=g).to(DEV)
+    w = (torch.randn(301, 40, generator=g) * 0.3).to(DEV)
+    t = torch.randint(0, 301, (9,), generator=g).to(DEV)
+    h = h0.clone().requires_grad_()
+    getattr(kernels, f"token_logprobs_{impl}")(h, w, t).sum().backward()
+    hr = h0.clone().requires_grad_()
+    naive_logprobs(hr, w, t).sum().backward()
+    assert w.grad is None
+    torch.testing.assert_close(h.grad, hr.grad, **tol(torch.float32))
+
+
+@needs_triton
+def test_token_logprobs_bad_target_is_nan():
+    h, w = torch.randn(3, 16, device=DEV), torch.randn(50, 16, device=DEV)
+    lp = kernels.token_logprobs_triton(h, w, torch.tensor([-1, 7, 50], device=DEV))
+    assert lp[0].isnan() and lp[2].isnan() and not lp[1].isnan()
+
+
+@pytest.mark.parametrize("V", [17, 1000, 49152, 128256, 152064, 1 << 26])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprobs_chunk_budget(V, dtype):
+    """The fused path's one [rows, V] buffer is no bigger than the torch path's fp32 logits (which
+    also has fp32 temporaries), and stays far below 2^31 elements whatever the vocabulary."""
+    fused = lpmod._rows(V, dtype, fused=True) * V * torch.empty((), dtype=dtype).element_size()
+    assert fused <= max(lpmod.CHUNK_ELEMS * 4, V * 4)
+    assert lpmod._rows(V, dtype, fused=True) * V < 2**31
+
+
+# ---------------------------------------------------------------- past 2^31 elements (GPU only)
+# Sizes where an int32 offset wraps. Each test checks every element was written (outputs start as
+# NaN) and compares a few rows, on both sides of 2^31, with the torch reference computed on those
+# rows alone: the largest test holds ~13 GB, well inside an 80 GB card. The log-prob kernels see one
+# chunk at a time, which stays below 2^31 elements (test_logprobs_chunk_budget), so none here.
+def _no_nan(x):
+    step = max(1, (1 << 28) // max(1, x[0].numel()))  # isnan's bool temporary stays near 256 MB
+    return not any(x[i:i + step].isnan().any().item() for i in range(0, x.shape[0], step))
+
+
+def _rows_around_2_31(n, per_row):
+    first = 2**31 // per_row  # the first row that starts past element 2^31
+    return sorted({0, 1, first - 1, first, first + 1, n - 1})
+
+
+@gpu_test
+def test_inject_replace_past_2_31():
+    n, T, d, V = 4096, 96, 8192, 32768
+    assert n * T * d > 2**31
+    g = torch.Generator(device="cuda").manual_seed(0)
+    W = torch.randn(V, d, generator=g, device="cuda", dtype=torch.bfloat16)
+    ids = torch.randint(0, V, (n, T), generator=g, device="cuda")
+    slots = torch.full((n, T), -1, dtype=torch.long, device="cuda")
+    slots[torch.arange(n), 40] = torch.arange(n, device="cuda")
+    vec = torch.randn(n, d, generator=g, device="cuda", dtype=torch.bfloat16)
+    out = kernels.inject_replace_triton(W, ids, slots, vec, 250.0)  # 6.4 GB
+    assert _no_nan(out)
+    rows = _rows_around_2_31(n, T * d)
+    ref = kernels.inject_replace_torch(W, ids[rows], slots[rows], vec, 250.0)
+    torch.testing.assert_close(out[rows], ref, **tol(torch.bfloat16))
+
+
+@gpu_test
+def test_inject_add_past_2_31():
+    n, T, d = 4096, 96, 8192
+    g = torch.Generator(device="cuda").manual_seed(1)
+    h = torch.randn(n, T, d, generator=g, device="cuda", dtype=torch.bfloat16)  # 6.4 GB
+    slots = torch.full((n, T), -1, dtype=torch.long, device="cuda")
+    slots[torch.arange(n), 40] = torch.arange(n, device="cuda")
+    vec = torch.randn(n, d, generator=g, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = kernels.inject_add_triton(h, slots, vec)  # 6.4 GB
+    assert _no_nan(out)
+    rows = _rows_around_2_31(n, T * d)
+    ref = kernels.inject_add_torch(h[rows], slots[rows], vec)
+    torch.testing.assert_close(out[rows], ref, **tol(torch.bfloat16))
+
+
+@gpu_test
+def test_reward_stats_past_2_31():
+    G, d = 8, 8192
+    N = (2**31 // d // G + 64) * G  # 64 groups past 2^31 elements
+    g = torch.Generator(device="cuda").manual_seed(2)
+    target = torch.randn(N, d, generator=g, device="cuda", dtype=torch.bfloat16)  # 4.4 GB
+    pred = torch.randn(N, d, generator=g, device="cuda", dtype=torch.bfloat16)
+    out = kernels.reward_stats_triton(pred, target, 0.6, G)
+    assert all(_no_nan(x) for x in out)
+    rows = _rows_around_2_31(N, d)
+    groups = sorted({r // G for r in rows})
+    sel = torch.cat([torch.arange(q * G, (q + 1) * G) for q in groups]).cuda()
+    ref = kernels.reward_stats_torch(pred[sel], target[sel], 0.6, G)
+    for name, a, b in zip(ref._fields, out, ref):
+        torch.testing.assert_close(a[sel], b, atol=1e-4, rtol=1e-4, msg=name)
 
 
 def test_dispatch(monkeypatch):
@@ -145,7 +304,11 @@ def test_dispatch(monkeypatch):
     monkeypatch.delenv("NLA_KERNELS", raising=False)
     assert backend(x) == "torch"  # CPU tensors
     monkeypatch.setenv("NLA_KERNELS", "triton")
-    assert backend(x) == "triton"  # allowed here only because the tests run the interpreter
+    if interpreting():
+        assert backend(x) == "triton"  # allowed on CPU tensors only under the interpreter
+    else:
+        with pytest.raises(RuntimeError, match="CUDA tensors"):
+            backend(x)
     monkeypatch.setenv("NLA_KERNELS", "cuda")
     with pytest.raises(ValueError, match="torch or triton"):
         backend(x)
