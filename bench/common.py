@@ -1,4 +1,10 @@
-"""Shared bits of the benchmarks: a synthetic NLA set-up on any base, and timing helpers."""
+"""Shared bits of the benchmarks: random-weight models of real shapes, a synthetic NLA set-up on
+any base, timing helpers and the memory roofline of a decode step.
+
+Random weights because no real weights reach the GPU machine (no network, 64 MiB per call):
+speed and memory depend on shapes, not on values.
+"""
+import os
 import time
 
 import torch
@@ -6,6 +12,81 @@ import torch
 from nla import lora
 from nla.reconstructor import ARHead
 from nla.spec import build_spec
+
+SHAPES = {  # name: (HF config class, fields, the layer we read)
+    "smollm2": ("LlamaConfig", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True), 20),
+    "qwen2.5-1.5b": ("Qwen2Config", dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                                         tie_word_embeddings=True, rope_theta=1e6), 16),
+    "qwen2.5-7b": ("Qwen2Config", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                                       tie_word_embeddings=False, rope_theta=1e6), 20),
+}
+
+
+def tokenizer_dir() -> str:
+    """NLA_TOKENIZER (a carried folder on the GPU machine), else the embedded SmolLM2's cache."""
+    if os.environ.get("NLA_TOKENIZER"):
+        return os.environ["NLA_TOKENIZER"]
+    from nla.models import resolve
+    return resolve("smollm2")[0]
+
+
+def quantise_(model, compute_dtype=torch.bfloat16):
+    """nf4 with double quantisation for every adapted projection, as --load-in-4bit does."""
+    import bitsandbytes as bnb
+    from nla.lora import TARGETS
+    for mod in list(model.modules()):
+        for name, lin in list(mod.named_children()):
+            if name in TARGETS and isinstance(lin, torch.nn.Linear):
+                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                      compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True)
+                q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True)
+                if lin.bias is not None:
+                    q.bias = torch.nn.Parameter(lin.bias.data, requires_grad=False)
+                setattr(mod, name, q.to(lin.weight.device))
+                del lin
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def random_model(shape: str, device, dtype=torch.bfloat16, nf4: bool = False, tokenizer=None):
+    """A random-weight *ForCausalLM of a named shape, built directly on `device`."""
+    import transformers
+    cls_name, fields, _ = SHAPES[shape]
+    tok = tokenizer
+    cfg = getattr(transformers, cls_name)(**fields, max_position_embeddings=4096,
+                                          bos_token_id=getattr(tok, "bos_token_id", None),
+                                          eos_token_id=getattr(tok, "eos_token_id", None))
+    model_cls = getattr(transformers, cls_name.replace("Config", "ForCausalLM"))
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = model_cls(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    if nf4:
+        quantise_(model, dtype)
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def random_base(shape: str, device="cuda", dtype=torch.bfloat16, nf4: bool = False):
+    from transformers import AutoTokenizer
+
+    from nla.models import Base
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir())
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = random_model(shape, device, dtype, nf4, tok)
+    cfg = model.config
+    return Base(model, tok, f"random {shape}-shaped" + (" nf4" if nf4 else ""), cfg.num_hidden_layers,
+                cfg.hidden_size, quant="nf4" if nf4 else "none")
 
 
 def nla_on(base, layer: int, rank: int = 16, scale: float = 100.0):
@@ -37,3 +118,38 @@ class Timer:
     def __exit__(self, *a):
         sync(self.dev)
         self.s = time.perf_counter() - self.t
+
+
+def copy_bandwidth(dev) -> float | None:
+    """Bytes/s of a large device-to-device copy (read + write): the practical ceiling."""
+    if dev.type != "cuda":
+        return None
+    x = torch.empty(512 << 20, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    with Timer(dev) as t:
+        for _ in range(10):
+            y.copy_(x)
+    del x, y
+    return 2 * 10 * (512 << 20) / t.s
+
+
+def weight_bytes(model, role: str | None = None) -> int:
+    """Bytes one decode step must read: every weight of the base (packed, for nf4) plus the live
+    role's adapters in the compute dtype. The input embedding table is not read (a gather)."""
+    emb = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is emb
+    total = 0
+    for n, p in model.named_parameters():
+        if "adapters." in n:
+            if role is not None and f"adapters.{role}." in n:
+                total += p.numel() * emb.element_size()
+            continue
+        if p is emb and not tied:
+            continue
+        total += p.numel() * p.element_size()
+    for n, b in model.named_buffers():
+        if "absmax" in n or "quant" in n:
+            total += b.numel() * b.element_size()
+    return total

@@ -1,10 +1,16 @@
-"""RL step time and rollout tokens/s on the embedded model, Triton kernels on and off, one run.
+"""RL step speed: our rollout loop against the plain reference loop and Hugging Face `generate`,
+the update's phases, Triton kernels on and off, and the memory roofline of a decode step.
 
-Each mode runs the same seeded steps (sampling, AR step, GRPO step); kernels are switched with
-NLA_KERNELS, which the dispatcher reads at every call. On CPU only the torch path is real
-(Triton needs CUDA, or its interpreter, which is far too slow to time), so CPU runs time torch.
+All loops run in one process on the same model, batch and cap, so the ratios are fair on a noisy
+machine. The roofline: one decode step must read every weight once, so its floor is
+weight bytes / measured copy bandwidth, and tokens/s can be at most batch / that floor.
+Random-weight models (`--shape`) never close their tag, so every row runs to the cap: the worst
+case, and the same work for every loop. For the update, every sample is marked closed, so the AR
+step reads all of them too (on a random model they would all be failures and skip it).
 
-    python bench/rl_step.py [--steps 3] [--acts 8] [--group 8] [--max-new 64] [--layer 20]
+    python bench/rl_step.py [--shape smollm2|qwen2.5-1.5b|qwen2.5-7b | --model smollm2] [--nf4]
+        [--acts 8] [--group 8] [--max-new 150] [--steps 3] [--micro 0] [--loops ours,reference,hf]
+On CPU (no --shape): the embedded SmolLM2, torch kernels, HF generate with its default cache.
 """
 import os
 import sys
@@ -12,58 +18,124 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script or -m
 
 import argparse
-import os
 import statistics
 
 import torch
 
-from bench.common import Timer, nla_on
+from bench.common import SHAPES, Timer, copy_bandwidth, nla_on, random_base, weight_bytes
+from nla import lora
 from nla.grpo import update
+from nla.inject import injected
 from nla.models import load_base, residual
-from nla.verbalizer import generate
+from nla.verbalizer import _prompt, generate, generate_reference
+
+
+def hf_generate(base, spec, vecs, max_new, compiled: bool):
+    """The peer a user would try: `generate` with a static cache (compiled forward on CUDA)."""
+    model = base.model
+    ids = _prompt(spec, len(vecs), base.device)
+    kw = dict(max_new_tokens=max_new, min_new_tokens=max_new, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+              pad_token_id=base.tokenizer.pad_token_id, attention_mask=torch.ones_like(ids))
+    if compiled:
+        kw["cache_implementation"] = "static"
+    with torch.no_grad(), lora.use(model, "av"), injected(model, ids, vecs, spec) as emb:
+        out = model.generate(inputs_embeds=emb, **kw)
+    return out.shape[1] * out.shape[0]
+
+
+def timed(fn, steps: int, dev):
+    """Median seconds of fn() over `steps` runs after one warm-up run (compilation, capture)."""
+    res = fn()
+    ts = []
+    for _ in range(steps):
+        with Timer(dev) as t:
+            res = fn()
+        ts.append(t.s)
+    return statistics.median(ts), res
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--layer", type=int, default=20)
+    ap.add_argument("--shape", choices=list(SHAPES), help="random-weight model of this shape (GPU)")
+    ap.add_argument("--nf4", action="store_true", help="4-bit base (bitsandbytes)")
+    ap.add_argument("--layer", type=int, default=None)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--acts", type=int, default=8)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--max-new", type=int, default=64)
     ap.add_argument("--micro", type=int, default=0)
-    ap.add_argument("--load-in-4bit", action="store_true")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--loops", default="ours,reference,hf")
     a = ap.parse_args()
-    base = load_base(a.model, load_in_4bit=a.load_in_4bit)
+    if a.shape:
+        base = random_base(a.shape, "cuda" if torch.cuda.is_available() else "cpu",
+                           torch.bfloat16 if torch.cuda.is_available() else torch.float32, a.nf4)
+        layer = a.layer if a.layer is not None else SHAPES[a.shape][2]
+    else:
+        base = load_base(a.model, load_in_4bit=a.nf4)
+        layer = a.layer if a.layer is not None else 20
     dev = base.device
-    modes = ["torch", "triton"] if dev.type == "cuda" else ["torch"]
     ids = torch.randint(100, 20000, (a.acts, 40), generator=torch.Generator().manual_seed(0)).to(dev)
     with torch.no_grad():
-        vec = residual(base.model, a.layer, ids)[:, -1].float()
-    spec, head, opt_av, opt_ar = nla_on(base, a.layer, scale=float(vec.norm(dim=-1).mean()))
-    rows = []
+        vec = residual(base.model, layer, ids)[:, -1].float()
+    spec, head, opt_av, opt_ar = nla_on(base, layer, rank=a.rank, scale=float(vec.norm(dim=-1).mean()))
+    vecs = vec.repeat_interleave(a.group, 0)
+    n = len(vecs)
+    bw = copy_bandwidth(dev)
+    wb = weight_bytes(base.model, "av")
+    roof = n / (wb / bw) if bw else None
+    print(f"{base.name} L{layer} on {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}, "
+          f"{a.acts} acts x G={a.group} = {n} rows, cap {a.max_new}, LoRA rank {a.rank}, {a.steps} timed runs")
+    if roof:
+        print(f"roofline: {wb / 1e9:.2f} GB of weights per decode step / {bw / 1e12:.2f} TB/s copy = "
+              f"{wb / bw * 1e3:.3f} ms -> at most {roof:,.0f} tok/s at batch {n}")
+    print(f"{'loop':34} {'rollout s':>10} {'tok/s':>10} {'vs ref':>7} {'roofline':>9}", flush=True)
+    loops = {
+        "ours": ("ours (static cache" + (", CUDA graph)" if dev.type == "cuda" else ")"),
+                 lambda: sum(len(s.ids) for s in generate(base, spec, vecs, a.max_new, 1.0,
+                                                           generator=torch.Generator(dev).manual_seed(0)))),
+        "reference": ("old eager loop (dynamic cache)",
+                      lambda: sum(len(s.ids) for s in generate_reference(base, spec, vecs, a.max_new, 1.0,
+                                                                         generator=torch.Generator(dev).manual_seed(0)))),
+        "hf": ("HF generate" + (" (static cache, compiled)" if dev.type == "cuda" else " (default cache)"),
+               lambda: hf_generate(base, spec, vecs, a.max_new, dev.type == "cuda")),
+    }
+    speeds = {}
+    for key in a.loops.split(","):
+        name, fn = loops[key]
+        try:
+            s, toks = timed(fn, a.steps, dev)
+        except Exception as e:  # one peer failing must not hide the others' numbers
+            print(f"{name:34} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+            continue
+        speeds[key] = toks / s
+        rel = f"{speeds[key] / speeds['reference']:6.2f}x" if "reference" in speeds else "      -"
+        share = f"{speeds[key] / roof:8.1%}" if roof else "        -"
+        print(f"{name:34} {s:10.3f} {toks / s:10,.0f} {rel:>7} {share:>9}", flush=True)
+    if "ours" in speeds and "reference" in speeds:
+        print(f"ours vs the old loop: {speeds['ours'] / speeds['reference']:.2f}x" +
+              (f"; vs HF generate: {speeds['ours'] / speeds['hf']:.2f}x" if "hf" in speeds else ""))
+
+    modes = ["torch", "triton"] if dev.type == "cuda" else ["torch"]
+    print(f"\n{'kernels':8} {'rollout s':>10} {'update s':>9} {'AR s':>7} {'GRPO s':>7} {'step s':>8}", flush=True)
     for mode in modes:
         os.environ["NLA_KERNELS"] = mode
-        gen_s, upd_s, toks = [], [], []
-        for step in range(a.steps + 1):  # first step is warm-up (compilation, allocator)
+        rows = []
+        for step in range(a.steps + 1):  # the first is warm-up
             g = torch.Generator(device=dev).manual_seed(step)
-            vecs = vec.repeat_interleave(a.group, 0)
             with Timer(dev) as tg:
                 samples = generate(base, spec, vecs, a.max_new, 1.0, generator=g)
+            for s in samples:
+                s.ok = True  # the worst case for the update: every explanation goes through the AR
             with Timer(dev) as tu:
-                update(base, spec, head, vecs, samples, opt_av, opt_ar, a.group, 0.01, 0.2, micro=a.micro)
-            if step:
-                gen_s.append(tg.s)
-                upd_s.append(tu.s)
-                toks.append(sum(len(s.ids) for s in samples))
-        g, u, t = statistics.median(gen_s), statistics.median(upd_s), statistics.median(toks)
-        rows.append((mode, g + u, g, u, t / g))
-    print(f"{base.name} L{a.layer} on {dev}, {a.acts} acts x G={a.group}, cap {a.max_new} tokens, {a.steps} timed steps")
-    print(f"{'kernels':8} {'step s':>8} {'rollout s':>10} {'update s':>9} {'rollout tok/s':>14}")
-    for mode, s, g, u, tps in rows:
-        print(f"{mode:8} {s:8.2f} {g:10.2f} {u:9.2f} {tps:14.0f}")
-    if len(rows) == 2:
-        print(f"speed-up of a step with Triton kernels: {rows[0][1] / rows[1][1]:.2f}x")
+                m = update(base, spec, head, vecs, samples, opt_av, opt_ar, a.group, 0.01, 0.2, micro=a.micro)
+            rows.append((tg.s, tu.s, m["ar_time"], m["grpo_time"]))
+        g, u, ar, gr = (statistics.median(r[i] for r in rows[1:]) for i in range(4))
+        print(f"{mode:8} {g:10.3f} {u:9.3f} {ar:7.3f} {gr:7.3f} {g + u:8.3f}", flush=True)
+    os.environ.pop("NLA_KERNELS", None)
+    if dev.type == "cuda":
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
 
 
 if __name__ == "__main__":
