@@ -33,22 +33,25 @@ RANDOM_MODEL = "/tmp/nla-gpu-check/random-smollm2"
 
 # (name, cap in seconds, command, what to quote in the summary)
 STAGES = [
-    ("parity", 60, f"{PY} -m pytest -q -p no:cacheprovider -m 'gpu or not slow' tests/test_kernels.py tests/test_decoding.py",
+    ("parity", 55, f"{PY} -m pytest -q -p no:cacheprovider -m 'gpu or not slow' tests/test_kernels.py tests/test_decoding.py",
      r"passed|failed|error"),
-    ("kernels", 70, f"{PY} bench/kernels.py --quick", r"target|MISSED|met|speed-up|x$"),
-    ("rl-smol", 50, f"{PY} bench/rl_step.py --shape smollm2 --acts 8 --group 8 --max-new 64 --steps 2",
-     r"roofline|ours|old eager|HF generate|torch |triton |failed"),
-    ("rl-1.5b", 110, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 2 --rank 64 --micro 32",
+    ("kernels", 45, f"{PY} bench/kernels.py --quick", r"target|MISSED|met|speed-up|x$"),
+    ("rl-smol", 40, f"{PY} bench/rl_step.py --shape smollm2 --acts 8 --group 8 --max-new 64 --steps 2 --loops ours,reference",
+     r"roofline|ours|old eager|torch |triton |failed"),
+    ("rl-1.5b", 200, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 2 --rank 64 "
+                     f"--micro 32 --loops ours,ours-compiled,reference,hf-eager,hf",
      r"roofline|ours|old eager|HF generate|torch |triton |failed|peak"),
-    ("memory", 75, f"{PY} bench/memory.py --steps 3", r"RL step|peak GPU|step \d"),
-    ("e2e", 90, "bash -c " + shlex.quote(
+    ("memory", 70, f"{PY} bench/memory.py --steps 2", r"RL step|peak GPU|step \d"),
+    ("e2e", 70, "bash -c " + shlex.quote(
         f"set -e; {PY} bench/gpu_check.py --make-random-model {RANDOM_MODEL}; D=/tmp/nla-gpu-check; "
-        f"{PY} cli.py collect --model {RANDOM_MODEL} --layer 20 --max-docs 160 --per-doc 4 --out $D/acts --overwrite; "
-        f"{PY} cli.py train --acts $D/acts --out $D/run --preset gpu --n-warm 64 --sft-ar-steps 20 --sft-av-steps 20 "
-        f"--rl-steps 4 --rl-batch 8 --eval-every 2 --eval-n 32 --max-new 48 --eval-max-new 48 --summary-max-new 32 --save-every 2; "
+        f"{PY} cli.py collect --model {RANDOM_MODEL} --layer 20 --max-docs 96 --per-doc 4 --out $D/acts --overwrite; "
+        f"{PY} cli.py train --acts $D/acts --out $D/run --preset gpu --n-warm 32 --sft-ar-steps 10 --sft-av-steps 10 "
+        f"--rl-steps 2 --rl-batch 8 --eval-every 1 --eval-n 16 --max-new 48 --eval-max-new 32 --summary-max-new 32 --save-every 1; "
+        f"{PY} cli.py train --acts $D/acts --out $D/run --preset gpu --n-warm 32 --sft-ar-steps 10 --sft-av-steps 10 "
+        f"--rl-steps 3 --rl-batch 8 --eval-every 1 --eval-n 16 --max-new 48 --eval-max-new 32 --summary-max-new 32 --save-every 1; "
         f"{PY} cli.py explain 'The capital of France is Paris' --model {RANDOM_MODEL} --checkpoint $D/run/rl --layer 20 --max-new 24; "
-        f"{PY} cli.py eval --checkpoint $D/run/rl --data $D/acts --max-n 32 --max-new 32 --out $D/eval"),
-     r"plan|warm start:|done:|FVE|Token test|Faithfulness|error"),
+        f"{PY} cli.py eval --checkpoint $D/run/rl --data $D/acts --max-n 16 --max-new 24 --out $D/eval"),
+     r"plan|resuming|warm start:|done:|FVE|Token test|Faithfulness|error"),
 ]
 
 
@@ -117,11 +120,14 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/nla-gpu-check/out"))
     ap.add_argument("--only", default="", help="comma-separated stage names")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    ap.add_argument("--parity-k", default="", help="pytest -k expression for the parity stage (a quick rerun)")
     ap.add_argument("--make-random-model", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.make_random_model:
         return make_random_model(a.make_random_model)
     stages = [s for s in STAGES if not a.only or s[0] in a.only.split(",")]
+    if a.parity_k:
+        stages = [(n, c, cmd + f" -k {shlex.quote(a.parity_k)}" if n == "parity" else cmd, p) for n, c, cmd, p in stages]
     if a.dry_run:
         print(f"bench/gpu_check.py plan: {len(stages)} stages, at most {sum(s[1] for s in stages)} s in all")
         for name, cap, cmd, _ in stages:

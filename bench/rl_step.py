@@ -30,14 +30,16 @@ from nla.models import load_base, residual
 from nla.verbalizer import _prompt, generate, generate_reference
 
 
-def hf_generate(base, spec, vecs, max_new, compiled: bool):
-    """The peer a user would try: `generate` with a static cache (compiled forward on CUDA)."""
+def hf_generate(base, spec, vecs, max_new, static: bool, compiled: bool = False):
+    """The peer a user would try: `generate`, with a static cache and (its default on CUDA) a
+    compiled forward; or with its dynamic cache."""
     model = base.model
     ids = _prompt(spec, len(vecs), base.device)
     kw = dict(max_new_tokens=max_new, min_new_tokens=max_new, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
               pad_token_id=base.tokenizer.pad_token_id, attention_mask=torch.ones_like(ids))
-    if compiled:
+    if static:
         kw["cache_implementation"] = "static"
+        kw["disable_compile"] = not compiled
     with torch.no_grad(), lora.use(model, "av"), injected(model, ids, vecs, spec) as emb:
         out = model.generate(inputs_embeds=emb, **kw)
     return out.shape[1] * out.shape[0]
@@ -66,7 +68,7 @@ def main():
     ap.add_argument("--max-new", type=int, default=64)
     ap.add_argument("--micro", type=int, default=0)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--loops", default="ours,reference,hf")
+    ap.add_argument("--loops", default="ours,reference,hf", help="of ours,ours-compiled,reference,hf-eager,hf")
     a = ap.parse_args()
     if a.shape:
         base = random_base(a.shape, "cuda" if torch.cuda.is_available() else "cpu",
@@ -91,15 +93,23 @@ def main():
         print(f"roofline: {wb / 1e9:.2f} GB of weights per decode step / {bw / 1e12:.2f} TB/s copy = "
               f"{wb / bw * 1e3:.3f} ms -> at most {roof:,.0f} tok/s at batch {n}")
     print(f"{'loop':34} {'rollout s':>10} {'tok/s':>10} {'vs ref':>7} {'roofline':>9}", flush=True)
+    def ours(compiled: bool):
+        def run():
+            os.environ["NLA_COMPILE_DECODE"] = "1" if compiled else "0"
+            g = torch.Generator(dev).manual_seed(0)
+            return sum(len(s.ids) for s in generate(base, spec, vecs, a.max_new, 1.0, generator=g))
+        return run
+
+    cuda = dev.type == "cuda"
     loops = {
-        "ours": ("ours (static cache" + (", CUDA graph)" if dev.type == "cuda" else ")"),
-                 lambda: sum(len(s.ids) for s in generate(base, spec, vecs, a.max_new, 1.0,
-                                                           generator=torch.Generator(dev).manual_seed(0)))),
+        "ours": ("ours (static cache" + (", CUDA graph)" if cuda else ")"), ours(False)),
+        "ours-compiled": ("ours (+ torch.compile'd step)", ours(True)),
         "reference": ("old eager loop (dynamic cache)",
                       lambda: sum(len(s.ids) for s in generate_reference(base, spec, vecs, a.max_new, 1.0,
                                                                          generator=torch.Generator(dev).manual_seed(0)))),
-        "hf": ("HF generate" + (" (static cache, compiled)" if dev.type == "cuda" else " (default cache)"),
-               lambda: hf_generate(base, spec, vecs, a.max_new, dev.type == "cuda")),
+        "hf-eager": ("HF generate (static cache, eager)", lambda: hf_generate(base, spec, vecs, a.max_new, True, False)),
+        "hf": ("HF generate" + (" (static cache, compiled)" if cuda else " (default cache)"),
+               lambda: hf_generate(base, spec, vecs, a.max_new, cuda, cuda)),
     }
     speeds = {}
 
@@ -107,7 +117,7 @@ def main():
         for key in keys:
             name, fn = loops[key]
             try:  # the old loop is slow and steady: one run; the others warm up (capture, compile) first
-                s, toks = timed(fn, 1, dev) if key == "reference" else timed(fn, a.steps, dev)
+                s, toks = timed(fn, 1, dev) if key in ("reference", "hf-eager") else timed(fn, a.steps, dev)
             except Exception as e:  # one peer failing must not hide the others' numbers
                 print(f"{name:34} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
                 continue
@@ -118,13 +128,14 @@ def main():
 
     wanted = a.loops.split(",")
     measure([k for k in wanted if k != "hf"])  # HF's compile can be slow: it goes last, after the update
+    os.environ["NLA_COMPILE_DECODE"] = "0"
 
     modes = ["torch", "triton"] if dev.type == "cuda" else ["torch"]
     print(f"\n{'kernels':8} {'rollout s':>10} {'update s':>9} {'AR s':>7} {'GRPO s':>7} {'step s':>8}", flush=True)
-    for mode in modes:
-        os.environ["NLA_KERNELS"] = mode
-        rows = []
-        for step in range(a.steps + 1):  # the first is warm-up
+    rows = {m: [] for m in modes}
+    for step in range(a.steps + 1):  # modes interleaved, so allocator warm-up and drift hit both; step 0 warms up
+        for mode in modes:
+            os.environ["NLA_KERNELS"] = mode
             g = torch.Generator(device=dev).manual_seed(step)
             with Timer(dev) as tg:
                 samples = generate(base, spec, vecs, a.max_new, 1.0, generator=g)
@@ -132,16 +143,20 @@ def main():
                 s.ok = True  # the worst case for the update: every explanation goes through the AR
             with Timer(dev) as tu:
                 m = update(base, spec, head, vecs, samples, opt_av, opt_ar, a.group, 0.01, 0.2, micro=a.micro)
-            rows.append((tg.s, tu.s, m["ar_time"], m["grpo_time"]))
-        g, u, ar, gr = (statistics.median(r[i] for r in rows[1:]) for i in range(4))
+            if step:
+                rows[mode].append((tg.s, tu.s, m["ar_time"], m["grpo_time"]))
+    for mode in modes:
+        g, u, ar, gr = (statistics.median(r[i] for r in rows[mode]) for i in range(4))
         print(f"{mode:8} {g:10.3f} {u:9.3f} {ar:7.3f} {gr:7.3f} {g + u:8.3f}", flush=True)
     os.environ.pop("NLA_KERNELS", None)
     if "hf" in wanted:
         print()
         measure(["hf"])
-    if "ours" in speeds and "reference" in speeds:
-        print(f"ours vs the old loop: {speeds['ours'] / speeds['reference']:.2f}x" +
-              (f"; vs HF generate: {speeds['ours'] / speeds['hf']:.2f}x" if "hf" in speeds else ""))
+    best = max((k for k in speeds if k.startswith("ours")), key=speeds.get, default=None)
+    if best and "reference" in speeds:
+        print(f"best of ours ({best}): {speeds[best]:,.0f} tok/s = {speeds[best] / speeds['reference']:.2f}x the old loop" +
+              (f", {speeds[best] / speeds['hf']:.2f}x HF generate" if "hf" in speeds else "") +
+              (f", {speeds[best] / roof:.1%} of the roofline" if roof else ""))
     if dev.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
 

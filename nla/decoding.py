@@ -11,6 +11,9 @@ overhead easily exceed. So:
 
 On CPU the same loop runs the step eagerly. `NLA_CUDA_GRAPH=0` turns graphs off (for a
 comparison, or if a capture ever misbehaves: a failed capture falls back to eager by itself).
+`NLA_COMPILE_DECODE=1` also compiles the step with torch.compile before capturing it: Inductor
+fuses the ~75 small kernels per block (norms, rotary, LoRA adds) that a graph still launches one by
+one, at the price of a compile per (batch, length) shape; a failed compile falls back likewise.
 """
 from __future__ import annotations
 
@@ -80,6 +83,10 @@ def _graphs_wanted(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("NLA_CUDA_GRAPH", "1") != "0"
 
 
+def _compile_wanted(device: torch.device) -> bool:
+    return _graphs_wanted(device) and os.environ.get("NLA_COMPILE_DECODE", "0") == "1"
+
+
 class Decoder:
     """Prefill + one-token steps on a static KV cache, for n rows of prompt + cap tokens."""
 
@@ -95,6 +102,7 @@ class Decoder:
         self.pos = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         self.graph, self.logits = None, None
         self.use_graph = _graphs_wanted(self.device)
+        self.compiled = _compile_wanted(self.device)
 
     @classmethod
     def of(cls, model, n: int, max_len: int, role) -> "Decoder":
@@ -102,7 +110,8 @@ class Decoder:
         allocates its cache and captures its graph once."""
         decs = model.__dict__.setdefault("_nla_decoders", OrderedDict())
         dtype = model.get_input_embeddings().weight.dtype
-        key = (n, max_len, role, dtype)
+        dev = model.get_input_embeddings().weight.device
+        key = (n, max_len, role, dtype, _graphs_wanted(dev), _compile_wanted(dev))
         if key in decs:
             decs.move_to_end(key)
         else:
@@ -143,25 +152,29 @@ class Decoder:
         it; the cache's fill counters are put back afterwards."""
         lengths = self._lengths()
         saved = [t.clone() for t in lengths]
+        fwd = self._forward
+        if self.compiled:
+            fwd = torch.compile(self._forward, dynamic=False)
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(2):
+                for _ in range(3 if self.compiled else 2):  # the first compiled call compiles
                     for t, s in zip(lengths, saved):
                         t.copy_(s)
-                    self._forward(input_ids=self.tok, position_ids=self.pos)
+                    fwd(input_ids=self.tok, position_ids=self.pos)
             torch.cuda.current_stream().wait_stream(side)
             for t, s in zip(lengths, saved):
                 t.copy_(s)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self.logits = self._forward(input_ids=self.tok, position_ids=self.pos)
+                self.logits = fwd(input_ids=self.tok, position_ids=self.pos)
             self.graph = graph
         except Exception as e:  # anything a graph cannot hold (a host sync, a library op): run eagerly
-            warnings.warn(f"nla: CUDA graph capture of the decode step failed ({type(e).__name__}: "
+            what = "compile + capture" if self.compiled else "capture"
+            warnings.warn(f"nla: CUDA graph {what} of the decode step failed ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:160]}); decoding eagerly")
-            self.use_graph, self.graph, self.logits = False, None, None
+            self.use_graph, self.compiled, self.graph, self.logits = False, False, None, None
             torch.cuda.synchronize()
         for t, s in zip(lengths, saved):
             t.copy_(s)

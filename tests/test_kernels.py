@@ -118,7 +118,10 @@ def test_reward_stats(dtype, N, G, d, with_valid):
     out = kernels.reward_stats_triton(p, t, 0.62, G, valid=valid)
     for name, a, b in zip(ref._fields, out, ref):
         assert a.dtype == torch.float32 and not a.isnan().any(), name
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=name)
+        # advantages divide by a group's std: in bf16 on CUDA, torch's and Triton's reduction
+        # orders differ by ~1e-7 in a reward, which a tight group amplifies (seen on an H200)
+        tol = 2e-3 if name == "advantage" and dtype == torch.bfloat16 else 1e-4
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=lambda m, name=name: f"{name}: {m}")
     if G > 1:
         assert out.advantage[G:2 * G].eq(0).all()
     torch.testing.assert_close(out.mse[1:], 2 * (1 - out.cos[1:]), atol=1e-4, rtol=0)  # row 0 is empty
