@@ -4,7 +4,10 @@ Rows are vectors of norm sqrt(d) after normalisation, so MSE = 2(1 - cos) in [0,
 1 - MSE / mse_mean (the predict-the-mean baseline), reward = -MSE, or `fail_reward` where
 `valid` is False (no closing tag, or cut at the cap). Advantages standardise rewards within each
 group of `group_size` consecutive rows: (r - mean) / (std + eps) with the population std, and
-exactly 0 for a group whose rewards are all equal (nothing to learn from it). Accumulation is fp32
+exactly 0 for a group whose rewards are all equal (nothing to learn from it). "Equal" means within
+SPREAD: identical explanations give rewards that differ by rounding alone on a GPU (rows reduce
+in different orders), and dividing that noise by its own tiny std would hand out advantages of
+~0.05 for nothing (seen on an H200 in the parity test). Accumulation is fp32
 for any input dtype. The Triton kernel does all of it in one launch, one program per group, with
 int64 row offsets (N x d can pass 2^31 elements).
 """
@@ -18,6 +21,7 @@ import torch
 from .dispatch import backend, empty, pow2
 
 EPS = 1e-6
+SPREAD = 1e-5  # rewards lie in [-4, 0]; a real spread within a group is orders of magnitude above
 
 
 class RewardStats(NamedTuple):
@@ -48,7 +52,7 @@ def reward_stats_torch(pred, target, mse_mean: float, group_size: int = 1, valid
     cos = (pn * tn).sum(-1) / p.shape[1]
     reward = -mse if valid is None else torch.where(valid.to(mse.device).bool(), -mse, torch.full_like(mse, fail_reward))
     g = reward.view(-1, group_size)
-    spread = g.max(1, keepdim=True).values > g.min(1, keepdim=True).values
+    spread = (g.max(1, keepdim=True).values - g.min(1, keepdim=True).values) > SPREAD
     adv = (g - g.mean(1, keepdim=True)) / (g.std(1, unbiased=False, keepdim=True) + EPS)
     adv = torch.where(spread, adv, torch.zeros_like(adv)).view(-1)
     return RewardStats(mse, cos, 1 - mse / mse_mean, reward, adv)
@@ -69,7 +73,7 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def reward_kernel(P, TG, VALID, MSE, COS, FVE, REW, ADV, d, G, mse_mean, fail_reward,
+    def reward_kernel(P, TG, VALID, MSE, COS, FVE, REW, ADV, d, G, mse_mean, fail_reward, spread_min,
                       s_pn, s_pd, s_tn, s_td,
                       HAS_VALID: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
         grp = tl.program_id(0).to(tl.int64)  # rows * stride passes 2^31 once N * d does
@@ -101,7 +105,7 @@ def _kernel():
         std = tl.sqrt(tl.sum(dev * dev, axis=0) / G)
         hi = tl.max(tl.where(rm, rew, -float("inf")), axis=0)
         lo = tl.min(tl.where(rm, rew, float("inf")), axis=0)
-        adv = tl.where(hi > lo, dev / (std + 1e-6), 0.0)
+        adv = tl.where(hi - lo > spread_min, dev / (std + 1e-6), 0.0)
         tl.store(MSE + rows, mse, mask=rm)
         tl.store(COS + rows, cos, mask=rm)
         tl.store(FVE + rows, 1.0 - mse / mse_mean, mask=rm)
@@ -122,7 +126,7 @@ def reward_stats_triton(pred, target, mse_mean: float, group_size: int = 1, vali
         BG = pow2(group_size, lo=1)
         BD = max(16, min(pow2(d), 8192 // BG))  # keep a [BLOCK_G, BLOCK_D] tile near 8k elements
         v = valid.to(pred.device, torch.int8).contiguous() if valid is not None else pred
-        _K[(N // group_size,)](pred, target, v, *outs, d, group_size, float(mse_mean), float(fail_reward),
+        _K[(N // group_size,)](pred, target, v, *outs, d, group_size, float(mse_mean), float(fail_reward), SPREAD,
                                *pred.stride(), *target.stride(), HAS_VALID=valid is not None,
                                BLOCK_G=BG, BLOCK_D=BD, num_warps=4 if BG * BD >= 2048 else 1)
     return RewardStats(*outs)

@@ -116,6 +116,7 @@ def test_same_samples_on_the_shipped_nla():
 def test_cuda_graph_decoding_equals_eager(tiny_path, monkeypatch, dtype):
     """On CUDA the step is a captured graph: it must really be captured (no silent fallback) and
     give the ids of the same loop run eagerly; in fp32 also those of the reference loop."""
+    monkeypatch.setenv("NLA_COMPILE_DECODE", "0")  # the graph alone: compiled kernels round differently
     base = load_base(tiny_path, device="cuda", dtype=dtype)
     lora.attach(base.model, {"av": 4})
     with torch.no_grad():
@@ -147,3 +148,23 @@ def test_cuda_graph_decoding_equals_eager(tiny_path, monkeypatch, dtype):
     monkeypatch.setenv("NLA_CUDA_GRAPH", "0")
     base.model.__dict__.pop("_nla_decoders", None)
     _same(a, V.generate(base, spec, w, 24, 0.0))
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_matches_eager(av_base):
+    """What CUDA runs by default: the step compiled by torch.compile (here with Inductor's CPU
+    backend, ~20 s) gives the eager step's logits."""
+    from nla.decoding import Decoder
+    spec = _spec(av_base)
+    m = av_base.model
+    dec = Decoder(m, 3, 120, "av")
+    emb = m.get_input_embeddings()(V._prompt(spec, 3, "cpu"))
+    with torch.no_grad(), lora.use(m, "av"):
+        nxt = dec.prefill(emb).argmax(-1)
+        eager = [dec.step(nxt).clone() for _ in range(3)]
+        dec.prefill(emb)
+        fwd = torch.compile(dec._forward, dynamic=False)
+        for ref in eager:
+            dec.tok.copy_(nxt[:, None])
+            torch.testing.assert_close(fwd(input_ids=dec.tok, position_ids=dec.pos), ref, rtol=1e-4, atol=1e-5)
+            dec.pos += 1
