@@ -1,7 +1,7 @@
 """Issue 3's numbers: collect + train on the embedded SmolLM2 at layer 20, wall time and
 held-out FVE after the warm start (with the shuffled-vector control) and after RL.
 
-    python bench/train_smollm2.py [--preset cpu-smoke] [--run runs/bench-smoke] [--ship] [extra train flags...]
+    python bench/train_smollm2.py [--preset cpu-smoke] [--run runs/bench-smoke] [--per-doc 12] [--ship] [extra train flags...]
 Resumable like the verbs it calls; prints one summary block at the end for bench/RESULTS.md.
 --ship copies the final AV and AR (bf16, no KL reference or optimiser state) to
 nla/data/checkpoints/smollm2-L<layer>/, the NLA that `nla-cli explain` uses by default.
@@ -21,12 +21,14 @@ def main():
     ap.add_argument("--run", default="runs/bench-smoke")
     ap.add_argument("--layer", type=int, default=20)
     ap.add_argument("--ship", action="store_true")
+    ap.add_argument("--per-doc", type=int, default=12, help="positions sampled per document")
     a, extra = ap.parse_known_args()
     run = Path(a.run)
     cli = [sys.executable, "-m", "cli"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     t0 = time.time()
-    subprocess.run(cli + ["collect", "--layer", str(a.layer), "--out", str(run / "acts")], check=True, cwd=root)
+    subprocess.run(cli + ["collect", "--layer", str(a.layer), "--out", str(run / "acts"), "--per-doc", str(a.per_doc)],
+                   check=True, cwd=root)
     t1 = time.time()
     subprocess.run(cli + ["train", "--acts", str(run / "acts"), "--out", str(run), "--preset", a.preset] + extra,
                    check=True, cwd=root)

@@ -63,9 +63,9 @@ PRESETS = {
     "cpu-smoke": dict(n_warm=64, summary_max_new=32, sft_ar_steps=40, sft_av_steps=40, sft_batch=8, rank_av=8,
                       rank_ar=8, rl_steps=10, rl_batch=4, group=4, max_new=48, eval_every=5, eval_n=16,
                       eval_max_new=48, save_every=5),
-    # the shipped NLA for the embedded model: every warm-start vector, ~55 minutes on 2 idle CPU cores
-    "cpu-demo": dict(n_warm=0, summary_max_new=32, sft_ar_steps=150, sft_av_steps=150, sft_batch=8, rank_av=16,
-                     rank_ar=16, rl_steps=40, rl_batch=4, group=4, max_new=48, eval_every=5, eval_n=32,
+    # the shipped NLA for the embedded model: ~3k warm-start vectors per split, ~80 minutes on 2 idle CPU cores
+    "cpu-demo": dict(n_warm=0, summary_max_new=32, sft_ar_steps=400, sft_av_steps=400, sft_batch=8, rank_av=32,
+                     rank_ar=32, rl_steps=40, rl_batch=4, group=4, max_new=48, eval_every=5, eval_n=32,
                      eval_max_new=48, save_every=5),
     # the reference's settings scaled to one GPU with LoRA adapters
     "gpu": dict(n_warm=0, sft_ar_steps=400, sft_av_steps=400, sft_batch=32, rank_av=64, rank_ar=64,
@@ -80,7 +80,10 @@ class TrainConfig:
     out: str = opt("runs/smollm2-L20", "run directory: warmstart/, checkpoints sft/ and rl/, metrics.jsonl, plot")
     preset: str = opt("", "cpu-smoke, cpu-demo or gpu: sets every option not given explicitly")
     model: str = opt("", "base model (default: the one recorded in the activation dataset)")
-    summarizer: str = opt("", "instruct model writing warm-start summaries (default: the base model itself)")
+    summarizer: str = opt("text", "warm-start summaries: 'text' (topics drawn from the text itself, no model), 'self' "
+                                  "(the base model's topic line, used only where it checks out against the text), a "
+                                  "model dir or HF id (likewise), or an OpenAI-compatible endpoint "
+                                  "http(s)://HOST[:PORT]/v1?model=NAME (whole summaries, checked; key from $OPENAI_API_KEY)")
     n_warm: int = opt(0, "use at most this many vectors per warm-start split (0 = all)")
     summary_max_new: int = opt(96, "token cap for each warm-start summary")
     rank_av: int = opt(16, "LoRA rank of the AV adapter")

@@ -19,7 +19,7 @@ from .config import TrainConfig, to_dict
 from .errors import NLAError
 from .grpo import rl_step
 from .io import append_jsonl, read_jsonl, write_json, write_text
-from .metrics import explain_and_score, token_hits
+from .metrics import content_hits, explain_and_score, token_hits
 from .models import load_base
 from .reconstructor import ARHead
 from .spec import build_spec
@@ -40,12 +40,24 @@ def _evaluate(base, spec, head, held, cfg, shuffled: bool = False) -> dict:
     res = explain_and_score(base, spec, head, vec, cfg.eval_max_new, temperature=0.0)
     tokens = held.tokens(base.tokenizer)
     out = dict(heldout_fve=res["fve"], heldout_cos=res["cos"], heldout_ok=res["ok_frac"],
-               heldout_token_hits=token_hits(res["texts"], tokens))
+               heldout_token_hits=token_hits(res["texts"], tokens),
+               heldout_content_hits=content_hits(res["texts"], held.prefixes))
     if shuffled:  # the control: the AV reads another row's vector; scored against the true one
         ctl = explain_and_score(base, spec, head, vec, cfg.eval_max_new, temperature=0.0, av_input=torch.roll(vec, 1, 0))
-        out.update(shuffled_fve=ctl["fve"], shuffled_cos=ctl["cos"], shuffled_token_hits=token_hits(ctl["texts"], tokens))
+        out.update(shuffled_fve=ctl["fve"], shuffled_cos=ctl["cos"], shuffled_token_hits=token_hits(ctl["texts"], tokens),
+                   shuffled_content_hits=content_hits(ctl["texts"], held.prefixes))
     out["examples"] = res["texts"][:4]
     return out
+
+
+def warmstart_summarizer(spec: str, base, device: str):
+    """--summarizer -> what warmstart.build takes: "text", a loaded model, or an endpoint."""
+    from .endpoint import parse_summarizer
+    if spec in ("", "text"):
+        return "text"
+    if spec == "self":
+        return base
+    return parse_summarizer(spec) or load_base(spec, device=device)
 
 
 def _plot(out: Path, rows: list[dict]) -> None:
@@ -102,18 +114,15 @@ def train(cfg: TrainConfig) -> dict:
     # both warm starts see what the AV can write within its RL cap, closing tag included
     av_max_len = cfg.max_new - 4
     fits = lambda text: len(target_ids(base.tokenizer, text)) <= av_max_len  # noqa: E731
-    summ_base = base if not cfg.summarizer else None
     for turn in (0, 1):
-        if (rank == 0) == (turn == 0):
-            if summ_base is None:
-                summ_base = load_base(cfg.summarizer, device=cfg.device)
+        if (rank == 0) == (turn == 0):  # the other ranks find what a model said in the cache
+            summarizer = warmstart_summarizer(cfg.summarizer, base, cfg.device)
             for name, data in (("sft_av", av_data), ("sft_ar", ar_data)):
-                summaries[name] = warmstart.build(summ_base, data, out / "warmstart" / f"{name}.jsonl",
-                                                  max_new=cfg.summary_max_new, fits=fits)
+                summaries[name] = warmstart.build(summarizer, data, out / "warmstart" / f"{name}.jsonl",
+                                                  max_new=cfg.summary_max_new, fits=fits, tokenizer=base.tokenizer)
+            del summarizer
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
-    if summ_base is not base:
-        del summ_base
 
     if cfg.grad_checkpointing:
         lora.enable_checkpointing(base.model)
@@ -143,7 +152,8 @@ def train(cfg: TrainConfig) -> dict:
             ev = _evaluate(base, spec, head, held, cfg, shuffled=True)
             print(f"[nla] warm start: held-out FVE {ev['heldout_fve']:.3f} (cos {ev['heldout_cos']:.3f}); "
                   f"control with shuffled vectors FVE {ev['shuffled_fve']:.3f}; explanations quote their token "
-                  f"{ev['heldout_token_hits']:.0%} (control {ev['shuffled_token_hits']:.0%})")
+                  f"{ev['heldout_token_hits']:.0%} (control {ev['shuffled_token_hits']:.0%}); their content words are in "
+                  f"the context {ev['heldout_content_hits']:.0%} (control {ev['shuffled_content_hits']:.0%})")
             append_jsonl(metrics_path, [{"stage": "eval", "step": 0, **{k: v for k, v in ev.items() if k != "examples"}}])
             write_json(out / "warmstart_eval.json", ev)
             checkpoint.save(sft_dir, base, spec, head, roles=("av", "ar"), info={"stage": "sft"})

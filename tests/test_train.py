@@ -41,7 +41,7 @@ def test_train_end_to_end_and_exact_resume(tiny_acts, tmp_path):
     ref = tmp_path / "ref"
     summary = train(TrainConfig(acts=tiny_acts, out=str(ref), **TINY))
     for f in ("metrics.jsonl", "training.png", "warmstart_eval.json", "summary.json", "rl/nla_meta.yaml",
-              "rl/state.pt", "sft/av.safetensors", "warmstart/sft_av.jsonl"):
+              "rl/state.pt", "sft/av.safetensors", "warmstart/sft_av.summaries.jsonl"):
         assert (ref / f).exists(), f
     rows = [json.loads(l) for l in open(ref / "metrics.jsonl")]
     rl = [r for r in rows if r["stage"] == "rl"]

@@ -231,18 +231,3 @@ def test_micro_batches_give_the_same_update(tiny_path):
         assert m["kl"] == pytest.approx(results[0][2]["kl"], abs=1e-6)
 
 
-def test_warm_start_summary_fits_the_av_budget_keeping_the_final_token(tokenizer):
-    from nla.warmstart import compose
-    topic = "a long recipe for sourdough bread with many steps about flour, water, salt and patience. More."
-    prefix = "Mix the flour and the water, then leave the dough to rest for an hour under a damp cloth"
-    full = compose(topic, prefix, " cloth")
-    assert full.startswith("Topic: a long recipe for sourdough") and "More" not in full
-    assert full.endswith('Last words: "an hour under a damp cloth". Final token: "cloth".')
-    for cap in (24, 30, 36, 48):
-        fits = lambda t: len(target_ids(tokenizer, t)) <= cap  # noqa: E731
-        short = compose(topic, prefix, " cloth", fits)
-        assert short.endswith('damp cloth". Final token: "cloth".'), (cap, short)
-        assert fits(short) or cap < 28, (cap, short)  # a budget too small for the minimum: the minimum
-        assert short == full or not fits(full)
-    assert compose(topic, prefix, " cloth", lambda t: True) == full
-    assert compose("", "x y", " ", lambda t: True) == 'Topic: an unclear subject. Last words: "x y". Final token: "\' \'".'
