@@ -31,7 +31,7 @@ class CollectConfig:
     max_tokens: int = opt(512, "truncate documents to this many tokens")
     batch_size: int = opt(8, "documents per forward pass")
     shard_docs: int = opt(64, "documents per shard (the unit of resume)")
-    heldout_frac: float = opt(0.1, "fraction of documents held out for evaluation")
+    heldout_frac: float = opt(0.1, "fraction of documents held out for evaluation (1 = an evaluation-only dataset)")
     dtype: str = opt("float32", "storage dtype of vectors: float32 or bfloat16")
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
     load_in_4bit: bool = opt(False, "load the base in 4-bit nf4 (bitsandbytes)")
@@ -46,7 +46,8 @@ class CollectConfig:
         _check(self.max_tokens > self.min_pos, "--max-tokens must exceed --min-pos")
         _check(self.batch_size >= 1, "--batch-size must be >= 1")
         _check(self.shard_docs >= 1, "--shard-docs must be >= 1")
-        _check(0.0 <= self.heldout_frac < 0.9, "--heldout-frac must be in [0, 0.9)")
+        _check(0.0 <= self.heldout_frac < 0.9 or self.heldout_frac == 1.0,
+               "--heldout-frac must be in [0, 0.9), or 1 for an evaluation-only dataset")
         _check(self.dtype in ("float32", "bfloat16"), "--dtype must be float32 or bfloat16")
 
 

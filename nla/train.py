@@ -7,7 +7,6 @@ last checkpoint (adapters, head, optimiser states, sampling RNG, metrics truncat
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import torch

@@ -54,3 +54,19 @@ def small_corpus(tmp_path):
             text = " ".join(words[(i * 3 + j) % len(words)] for j in range(30 + 4 * i))
             f.write(json.dumps({"text": f"Document {i}: {text}."}) + "\n")
     return str(p)
+
+
+@pytest.fixture(scope="session")
+def tiny_acts(tiny_path, tmp_path_factory):
+    """An activation dataset of the tiny model: 24 short notes, 2 positions each, layer 2."""
+    import json as _json
+    d = tmp_path_factory.mktemp("acts")
+    corpus = d / "c.jsonl"
+    with open(corpus, "w") as f:
+        for i in range(24):
+            f.write(_json.dumps({"text": f"Note {i}: " + " ".join(f"word{(i * 7 + j) % 50}" for j in range(40))}) + "\n")
+    from nla.collect import collect
+    from nla.config import CollectConfig
+    collect(CollectConfig(model=tiny_path, layer=2, corpus=str(corpus), out=str(d / "acts"), per_doc=2, min_pos=4,
+                          device="cpu", heldout_frac=0.2))
+    return str(d / "acts")

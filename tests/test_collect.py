@@ -154,3 +154,15 @@ def test_cli_prints_one_line_error(tiny_path, small_corpus, tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("error: layer 9 is out of range")
     assert "Traceback" not in r.stderr
+
+
+def test_evaluation_only_dataset(tiny_path, small_corpus, tmp_path):
+    """--heldout-frac 1: every document held out (passages kept for a final check), the
+    predict-the-mean baseline taken from the set itself."""
+    from nla.collect import load_activations
+    meta = collect(cfg(tiny_path, small_corpus, tmp_path / "acts", heldout_frac=1.0))
+    acts = load_activations(str(tmp_path / "acts"))
+    assert meta["split_sizes"]["heldout"] == len(acts) > 0
+    assert meta["mse_mean"]["heldout"] == pytest.approx(meta["mse_mean"]["all"])
+    with pytest.raises(NLAError, match="heldout-frac"):
+        CollectConfig(heldout_frac=0.95)

@@ -46,22 +46,9 @@ def test_command_line_beats_preset_whatever_the_value(monkeypatch, tmp_path):
     assert TrainConfig(preset="gpu", max_new=64).max_new == PRESETS["gpu"]["max_new"]
 
 
-@pytest.fixture(scope="module")
-def acts(tiny_path, tmp_path_factory):
-    from nla.collect import collect
-    from nla.config import CollectConfig
-    d = tmp_path_factory.mktemp("gpuacts")
-    corpus = d / "c.jsonl"
-    with open(corpus, "w") as f:
-        for i in range(24):
-            f.write(json.dumps({"text": f"Entry {i}: " + " ".join(f"item{(i * 5 + j) % 40}" for j in range(36))}) + "\n")
-    collect(CollectConfig(model=tiny_path, layer=2, corpus=str(corpus), out=str(d / "acts"), per_doc=2, min_pos=4,
-                          device="cpu", heldout_frac=0.2))
-    return str(d / "acts")
-
-
 @pytest.mark.parametrize("quant", [False, True], ids=["bf16-like", "nf4"])
-def test_gpu_preset_end_to_end_with_resume_and_eval(acts, tmp_path, quant):
+def test_gpu_preset_end_to_end_with_resume_and_eval(tiny_acts, tmp_path, quant):
+    acts = tiny_acts
     if quant:
         pytest.importorskip("bitsandbytes")
         warnings.simplefilter("ignore")

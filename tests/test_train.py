@@ -9,26 +9,12 @@ import sys
 import pytest
 import torch
 
-from nla.collect import collect
-from nla.config import CollectConfig, TrainConfig
+from nla.config import TrainConfig
 from nla.errors import NLAError
 
 TINY = dict(n_warm=8, summary_max_new=12, sft_ar_steps=3, sft_av_steps=3, sft_batch=4, rank_av=4, rank_ar=4,
             rl_steps=4, rl_batch=2, group=2, max_new=8, eval_every=2, eval_n=4, eval_max_new=8, save_every=2,
             device="cpu")
-
-
-@pytest.fixture(scope="module")
-def tiny_acts(tiny_path, tmp_path_factory):
-    import json as _json
-    d = tmp_path_factory.mktemp("acts")
-    corpus = d / "c.jsonl"
-    with open(corpus, "w") as f:
-        for i in range(24):
-            f.write(_json.dumps({"text": f"Note {i}: " + " ".join(f"word{(i * 7 + j) % 50}" for j in range(40))}) + "\n")
-    collect(CollectConfig(model=tiny_path, layer=2, corpus=str(corpus), out=str(d / "acts"), per_doc=2, min_pos=4,
-                          device="cpu", heldout_frac=0.2))
-    return str(d / "acts")
 
 
 def _params(out):
