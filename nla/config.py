@@ -66,7 +66,7 @@ PRESETS = {
                       eval_max_new=48, save_every=5),
     # the shipped NLA for the embedded model: ~3k warm-start vectors per split, ~80 minutes on 2 idle CPU cores
     "cpu-demo": dict(n_warm=0, summary_max_new=32, sft_ar_steps=400, sft_av_steps=400, sft_batch=8, rank_av=32,
-                     rank_ar=32, rl_steps=40, rl_batch=4, group=4, max_new=48, eval_every=5, eval_n=32,
+                     rank_ar=32, rl_steps=100, rl_batch=4, group=4, max_new=48, eval_every=5, eval_n=32,
                      eval_max_new=48, save_every=5),
     # the reference's settings scaled to one GPU with LoRA adapters
     "gpu": dict(n_warm=0, sft_ar_steps=400, sft_av_steps=400, sft_batch=32, rank_av=64, rank_ar=64,

@@ -9,6 +9,11 @@ overhead easily exceed. So:
   the adapters it reads are refreshed in place, see lora.inference_weights);
 - stop detection on the device: a host sync only every few steps (verbalizer.CHECK_EVERY).
 
+Rows that have stopped keep decoding until all have: dropping them would change the graph's shape
+(a recapture) and the random stream (so samples would depend on the batch), and it would not pay:
+a step reads every weight once whatever the batch, and at explanation lengths the KV cache is a
+small part of what a step reads.
+
 On CPU the same loop runs the step eagerly. `NLA_CUDA_GRAPH=0` turns graphs off (for a
 comparison, or if a capture ever misbehaves: a failed capture falls back to eager by itself).
 On CUDA the step is also compiled with torch.compile before it is captured: Inductor fuses the
