@@ -39,8 +39,8 @@ STAGES = [
     ("rl-smol", 40, f"{PY} bench/rl_step.py --shape smollm2 --acts 8 --group 8 --max-new 64 --steps 2 --loops ours,reference",
      r"roofline|ours|old eager|torch |triton |failed"),
     ("rl-1.5b", 170, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 2 --rank 64 "
-                     f"--micro 32 --loops ours,ours-compiled,reference,hf",
-     r"roofline|ours|old eager|HF generate|torch |triton |failed|peak"),
+                     f"--micro 32 --loops ours,ours-compiled,reference,hf --profile",
+     r"roofline|ours|old eager|HF generate|torch |triton |failed|peak|^prof "),
     ("memory", 70, f"{PY} bench/memory.py --steps 2", r"RL step|peak GPU|step \d"),
     ("e2e", 100, "bash -c " + shlex.quote(
         f"set -e; {PY} bench/gpu_check.py --make-random-model {RANDOM_MODEL}; D=/tmp/nla-gpu-check; "

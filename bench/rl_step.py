@@ -9,7 +9,9 @@ case, and the same work for every loop. For the update, every sample is marked c
 step reads all of them too (on a random model they would all be failures and skip it).
 
     python bench/rl_step.py [--shape smollm2|qwen2.5-1.5b|qwen2.5-7b | --model smollm2] [--nf4]
-        [--acts 8] [--group 8] [--max-new 150] [--steps 3] [--micro 0] [--loops ours,reference,hf]
+        [--acts 8] [--group 8] [--max-new 150] [--steps 3] [--micro 0] [--loops ours,reference,hf] [--profile]
+--profile adds one profiled update (AR step + GRPO step) and prints its top ops by self time on the
+device: where the update's time goes, before anything is cut from it.
 On CPU (no --shape): the embedded SmolLM2, torch kernels, HF generate with its default cache.
 """
 import os
@@ -69,6 +71,8 @@ def main():
     ap.add_argument("--micro", type=int, default=0)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--loops", default="ours,reference,hf", help="of ours,ours-compiled,reference,hf-eager,hf")
+    ap.add_argument("--profile", action="store_true", help="profile one update and print its top ops")
+    ap.add_argument("--profile-rows", type=int, default=15)
     a = ap.parse_args()
     if a.shape:
         base = random_base(a.shape, "cuda" if torch.cuda.is_available() else "cpu",
@@ -149,6 +153,8 @@ def main():
         g, u, ar, gr = (statistics.median(r[i] for r in rows[mode]) for i in range(4))
         print(f"{mode:8} {g:10.3f} {u:9.3f} {ar:7.3f} {gr:7.3f} {g + u:8.3f}", flush=True)
     os.environ.pop("NLA_KERNELS", None)
+    if a.profile:
+        profile_update(base, spec, head, vecs, opt_av, opt_ar, a, dev)
     if "hf" in wanted:
         print()
         measure(["hf"])
@@ -159,6 +165,30 @@ def main():
               (f", {speeds[best] / roof:.1%} of the roofline" if roof else ""))
     if dev.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
+
+
+def profile_update(base, spec, head, vecs, opt_av, opt_ar, a, dev):
+    """One update under torch.profiler (samples drawn outside it): the ops that take its time."""
+    from torch.profiler import ProfilerActivity, profile
+    samples = generate(base, spec, vecs, a.max_new, 1.0, generator=torch.Generator(device=dev).manual_seed(99))
+    for s in samples:
+        s.ok = True
+    cuda = dev.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        m = update(base, spec, head, vecs, samples, opt_av, opt_ar, a.group, 0.01, 0.2, micro=a.micro)
+        if cuda:
+            torch.cuda.synchronize(dev)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    ev = prof.key_averages()
+    total = sum(getattr(e, key) for e in ev) or 1.0
+    print(f"\nprofile of one update (AR {m['ar_time']:.3f} s, GRPO {m['grpo_time']:.3f} s under the profiler), "
+          f"top ops by self {'device' if cuda else 'CPU'} time (total {total / 1e6:.3f} s):", flush=True)
+    print(f"{'op':60} {'ms':>9} {'share':>6} {'calls':>6}")
+    for e in sorted(ev, key=lambda e: getattr(e, key), reverse=True)[:a.profile_rows]:
+        t = getattr(e, key)
+        print(f"prof {e.key[:55]:55} {t / 1e3:9.1f} {t / total:6.1%} {e.count:6d}")
+    print(flush=True)
 
 
 if __name__ == "__main__":
