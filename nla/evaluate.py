@@ -14,7 +14,9 @@ construction: it is computed, not written in, and a value far from 0 flags a bro
     steganography probe     the explanation's sentences shuffled, and paraphrased by the base
                             model (adapters off, greedy); a small FVE drop means the information
                             lives in what the text says, not in a private code of word order or
-                            token choice
+                            token choice. The paraphrase drop is also split by whether the
+                            paraphrase kept the token the explanation quotes: a drop where it
+                            was lost is the paraphraser's loss of content, not a hidden code
 
 Beside the table, two text tests, each against chance (another activation's token or context
 under the same derangement): the token test (does the explanation quote the activation's token?)
@@ -145,6 +147,21 @@ def paraphrase(base, texts: list[str], batch_size: int = 16, max_new: int | None
     return out
 
 
+def paraphrase_split(texts: list[str], paras: list[str], tokens: list[str], nla_fve: list[float],
+                     para_fve: list[float]) -> dict:
+    """The paraphrase probe's drop, split over the explanations that quote their activation's token:
+    those whose paraphrase still contains it and those whose paraphrase lost it. The 135M
+    paraphraser often drops a whole sentence; only a drop where the content survived points to a
+    code in the wording."""
+    def drop(idx):
+        return sum(nla_fve[i] - para_fve[i] for i in idx) / len(idx) if idx else None
+
+    quoted = [i for i, (x, t) in enumerate(zip(texts, tokens)) if t.strip() and f'"{t.strip()}"' in x]
+    kept = [i for i in quoted if tokens[i].strip() in paras[i]]
+    lost = [i for i in quoted if tokens[i].strip() not in paras[i]]
+    return dict(quoted=len(quoted), kept=len(kept), drop_kept=drop(kept), drop_lost=drop(lost))
+
+
 def _take(acts: Activations, n: int, seed: int) -> Activations:
     if not n or n >= len(acts):
         return acts
@@ -204,10 +221,13 @@ def evaluate(cfg: EvalConfig) -> dict:
     rows.append(_row("sentence_shuffle", "probe: sentences shuffled", read(reordered),
                      f"same sentences, another order ({n_multi}/{n} explanations have >= 2 sentences)", real))
     para = paraphrase(plain, texts, bs)
-    rows.append(_row("paraphrase", "probe: paraphrased by the base", read(para),
+    para_sc = read(para)
+    rows.append(_row("paraphrase", "probe: paraphrased by the base", para_sc,
                      "the base model (adapters off, greedy) rewrites the explanation", real))
 
     tokens = acts.tokens(tok)
+    para_split = (paraphrase_split(texts, para, tokens, real["row_fve"], para_sc["row_fve"])
+                  if real["row_fve"] is not None and para_sc["row_fve"] is not None else None)
     hits = dict(nla=token_hits(texts, tokens), shuffled=token_hits(texts, [tokens[j] for j in perm]) if perm else None,
                 warm_start=None)
     # the faithfulness test: are the explanation's words about this activation's text? Chance pairs
@@ -233,6 +253,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         layer=m["layer"], d_model=m["d_model"], data=str(cfg.data), split=cfg.split, n=n, n_split=n_split,
         seed=cfg.seed, decoding=cfg.decoding, mse_mean=mse_mean, mse_mean_source=mse_src,
         ok_frac=sum(s.ok for s in samples) / n, rows=rows, token_hits=hits, content_hits=content,
+        paraphrase_split=para_split,
         warm_start=str(ws.path) if ws else "no warm-start checkpoint beside this one",
         examples=[dict(prefix_tail=acts.prefixes[i][-160:], explanation=texts[i], sentences_shuffled=reordered[i],
                        paraphrase=para[i], fve=real["row_fve"][i]) for i in range(min(3, n))],
@@ -288,6 +309,12 @@ def render_markdown(r: dict) -> str:
         lines += ["", f"Steganography probe: shuffling sentences drops FVE by {_f(drop['sentence_shuffle'])}, "
                       f"paraphrasing by {_f(drop.get('paraphrase'))}. A small drop means the information lives in "
                       f"what the explanation says, not in a private code of order or wording."]
+    ps = r.get("paraphrase_split")
+    if ps and ps["quoted"]:
+        lines += ["", f"Paraphrase probe, split: of the {ps['quoted']} explanations that quote their token, the "
+                      f"paraphrase kept it in {ps['kept']} (FVE drop there {_f(ps['drop_kept'])}) and lost it in "
+                      f"{ps['quoted'] - ps['kept']} (drop {_f(ps['drop_lost'])}). A drop where the token was lost "
+                      f"is the paraphraser's loss of content, not a hidden code."]
     h = r["token_hits"]
     lines += ["", f"Token test: the explanation quotes the activation's own token in {_pct(h['nla'])} of cases, "
                   f"another activation's token in {_pct(h['shuffled'])} (chance)"

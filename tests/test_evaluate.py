@@ -12,7 +12,8 @@ from test_explain import LAYER, cli, export_reference, make_tiny_run, one_line_e
 from nla import reference
 from nla.collect import SPLITS, load_activations
 from nla.errors import NLAError
-from nla.evaluate import EvalConfig, derangement, evaluate, sentences, shuffle_sentences, tail
+from nla.evaluate import (EvalConfig, derangement, evaluate, paraphrase_split, render_markdown, sentences,
+                          shuffle_sentences, tail)
 from nla.metrics import content_hit_counts, content_hits, content_words, context_words, score_vectors, token_hits
 from nla.models import load_base
 
@@ -76,6 +77,19 @@ def test_token_hits_counts_quoted_tokens_only():
     assert token_hits([], []) == 0.0
 
 
+def test_paraphrase_split_separates_lost_content_from_wording():
+    texts = ['Token: "salt". Soup.', 'The last token is "boat".', 'About rivers.', 'Final token: "the".']
+    paras = ["It is about salt and soup.", "A text about rivers.", "Rivers.", 'Token: "the".']
+    tokens = [" salt", " boat", " river", "the"]
+    nla, para = [0.5, 0.6, 0.4, 0.2], [0.4, 0.0, 0.4, 0.3]
+    out = paraphrase_split(texts, paras, tokens, nla, para)
+    # rows 0, 1 and 3 quote their token; 0 and 3 kept it (drops 0.1 and -0.1), 1 lost it (drop 0.6)
+    assert out["quoted"] == 3 and out["kept"] == 2
+    assert out["drop_kept"] == pytest.approx(0.0) and out["drop_lost"] == pytest.approx(0.6)
+    none = paraphrase_split(["no quote"], ["x"], ["salt"], [0.1], [0.0])
+    assert none == dict(quoted=0, kept=0, drop_kept=None, drop_lost=None)
+
+
 def test_content_hits_counts_context_words_only():
     ctx = "Grandmother carried the soup to the harbour, where two boats were sailing past the cities"
     # content: soup, harbour, boat (plural stripped), city ("cities" -> "city"), kitchen;
@@ -137,6 +151,13 @@ def test_eval_report_on_tiny_run(tiny_run, tiny_path, tmp_path, capsys):
     found, words = sum(p["content_found"] for p in per), sum(p["content_words"] for p in per)
     assert content["nla"] == found / max(1, words)
     assert "content words found in the activation's last 40 words of context" in printed
+    ps = rep["paraphrase_split"]
+    assert 0 <= ps["kept"] <= ps["quoted"] <= rep["n"]
+    if ps["quoted"]:
+        assert "Paraphrase probe, split:" in printed
+    split = dict(quoted=4, kept=3, drop_kept=0.01, drop_lost=0.5)
+    assert "kept it in 3 (FVE drop there 0.010) and lost it in 1 (drop 0.500)" in render_markdown(
+        dict(rep, paraphrase_split=split))
 
     # the shuffled row is the real explanations under a derangement, scored against the true vectors
     per = rep["per_activation"]
