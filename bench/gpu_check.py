@@ -36,10 +36,10 @@ STAGES = [
     ("parity", 55, f"{PY} -m pytest -q -p no:cacheprovider -m 'gpu or not slow' tests/test_kernels.py tests/test_decoding.py",
      r"passed|failed|error"),
     ("kernels", 45, f"{PY} bench/kernels.py --quick", r"target|MISSED|met|speed-up|x$"),
-    ("rl-smol", 40, f"{PY} bench/rl_step.py --shape smollm2 --acts 8 --group 8 --max-new 64 --steps 2 --loops ours,reference",
+    ("rl-smol", 40, f"{PY} bench/rl_step.py --shape smollm2 --acts 8 --group 8 --max-new 64 --steps 2 --loops ours,ours-adapters,reference",
      r"roofline|ours|old eager|torch |triton |failed"),
     ("rl-1.5b", 170, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 2 --rank 64 "
-                     f"--micro 32 --loops ours,ours-compiled,reference,hf --profile",
+                     f"--micro 32 --loops ours,ours-compiled,ours-adapters,reference,hf --profile",
      r"roofline|ours|old eager|HF generate|torch |triton |failed|peak|^prof "),
     ("memory", 70, f"{PY} bench/memory.py --steps 2", r"RL step|peak GPU|step \d"),
     ("e2e", 100, "bash -c " + shlex.quote(

