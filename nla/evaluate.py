@@ -47,7 +47,7 @@ PARAPHRASE = ("Rewrite the following notes in your own words. Keep every piece o
               "nothing. Reply with the rewrite only.\n\n{text}")
 # an end mark after a word, not after an enumerator: "1. Cooking. 2. Salt." is two sentences
 _SENTENCE_END = re.compile(r"(?<=[^\d\s][.!?;])\s+|\s*\n+\s*")
-# the faithfulness test's context, about two sentences: wider than the six "Last words" the warm
+# the faithfulness test's context, about two sentences: wider than the three "Last words" the warm
 # start quotes, so a topic word can hit as well as a copied quote, and narrow enough that a long
 # document's every word does not count as "this activation's context"
 CONTENT_WINDOW = 40
