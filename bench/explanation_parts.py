@@ -18,15 +18,22 @@ import json
 import re
 from collections import defaultdict
 
+from nla import warmstart
 from nla.collect import load_activations
+from nla.errors import NLAError
+from nla.evaluate import CONTENT_WINDOW as WINDOW
 from nla.evaluate import _take
 from nla.metrics import content_hits, content_words, context_words
 
-WINDOW = 40
-# the wordings of nla/warmstart.py's TOPIC, LAST and FINAL parts
-QUOTE = re.compile(r'(?:Last words:|last words were|last words:|Words just before:)\s*"(.*?)"\.?(?=\s|$)')
-TOKEN = re.compile(r'(?:Final token:|final token is|last token is|Token:)\s*"(.*?)"\.')
-TOPIC = re.compile(r'(?:Topic:|text is about|About|Subject:|Context:)\s*([^."]*)\.')
+
+def _leads(templates: list[str]) -> str:
+    """An alternation of what the warm start's wordings of one part write before its content."""
+    return "(?:" + "|".join(re.escape(t.split("{}")[0]) for t in templates) + ")"
+
+
+QUOTE = re.compile(_leads(warmstart.LAST) + r'(.*?)"\.?(?=\s|$)')
+TOKEN = re.compile(_leads(warmstart.FINAL) + r'(.*?)"\.')
+TOPIC = re.compile(_leads(warmstart.TOPIC) + r'([^."]*)\.')
 
 
 def trimmed(x: str, quote_words: int, topic_words: int) -> str:
@@ -47,8 +54,11 @@ def main():
     ap.add_argument("acts")
     ap.add_argument("--split", default="heldout")
     a = ap.parse_args()
-    r = json.load(open(a.report))
-    acts = _take(load_activations(a.acts).select(a.split), r["n"], r["seed"])  # the rows eval scored
+    try:
+        r = json.load(open(a.report))
+        acts = _take(load_activations(a.acts).select(a.split), r["n"], r["seed"])  # the rows eval scored
+    except (OSError, ValueError, KeyError, NLAError) as e:
+        sys.exit(f"explanation_parts: cannot read {a.report} with {a.acts}: {e}")
     rows = r["per_activation"]
     if len(rows) != len(acts) or any(int(acts.pos[i]) != p["pos"] for i, p in enumerate(rows)):
         sys.exit(f"{a.report} was not run on {a.acts} split {a.split}")

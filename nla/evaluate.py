@@ -158,7 +158,7 @@ def paraphrase_split(texts: list[str], paras: list[str], tokens: list[str], nla_
 
     quoted = [i for i, (x, t) in enumerate(zip(texts, tokens)) if t.strip() and f'"{t.strip()}"' in x]
     kept = [i for i in quoted if tokens[i].strip() in paras[i]]
-    lost = [i for i in quoted if tokens[i].strip() not in paras[i]]
+    lost = sorted(set(quoted) - set(kept))
     return dict(quoted=len(quoted), kept=len(kept), drop_kept=drop(kept), drop_lost=drop(lost))
 
 

@@ -74,10 +74,10 @@ class LoRALinear(nn.Module):
         if sw.fast and self.merged is not None and self.merged_role == sw.active and self.merged.dtype == x.dtype:
             return nn.functional.linear(x, self.merged, self.base.bias)
         y = self.base(x)
-        a = self.adapters[self.switch.active] if self.switch.active in self.adapters else None
+        a = self.adapters[sw.active] if sw.active in self.adapters else None
         if a is None:
             return y
-        if self.switch.fast and a.fast is not None and a.fast[0].dtype == x.dtype:
+        if sw.fast and a.fast is not None and a.fast[0].dtype == x.dtype:
             return y + (x @ a.fast[0].t()) @ a.fast[1].t()
         if x.dtype != a.A.dtype:  # mixed precision: fp32 master weights, cast (small) rather than x (large)
             return y + ((x @ a.A.to(x.dtype).t()) @ a.B.to(x.dtype).t() * a.scale).to(y.dtype)
