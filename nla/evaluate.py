@@ -27,7 +27,6 @@ Writes report.md, report.json and report.png (matplotlib) to --out and prints th
 from __future__ import annotations
 
 import random
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 
 from . import lora, reference
 from .collect import SPLITS, Activations, load_activations
+from .confidence import _SENTENCE_END, confident, sentences
 from .config import _check, opt
 from .errors import NLAError
 from .io import write_json, write_text
@@ -45,8 +45,6 @@ from .reconstructor import MAX_EXPLANATION_TOKENS
 
 PARAPHRASE = ("Rewrite the following notes in your own words. Keep every piece of information and add "
               "nothing. Reply with the rewrite only.\n\n{text}")
-# an end mark after a word, not after an enumerator: "1. Cooking. 2. Salt." is two sentences
-_SENTENCE_END = re.compile(r"(?<=[^\d\s][.!?;])\s+|\s*\n+\s*")
 # the faithfulness test's context, about two sentences: wider than the three "Last words" the warm
 # start quotes, so a topic word can hit as well as a copied quote, and narrow enough that a long
 # document's every word does not count as "this activation's context"
@@ -70,6 +68,8 @@ class EvalConfig:
     seed: int = opt(0, "seed for the subset, the shuffles and sampling")
     device: str = opt("auto", "auto, cpu, cuda, ...")
     load_in_4bit: bool = opt(False, "4-bit nf4 base (bitsandbytes)")
+    min_confidence: float = opt(0.1, "the confidence probe: also score the explanations less their sentences whose "
+                                     "least sure content word the AV wrote at a probability under this (0 = skip)")
 
     def __post_init__(self):
         self.split = "heldout" if self.split == "held-out" else self.split
@@ -81,6 +81,7 @@ class EvalConfig:
         _check(self.temperature > 0, "--temperature must be > 0")
         _check(self.max_new >= 4, "--max-new must be >= 4")
         _check(self.batch_size >= 1, "--batch-size must be >= 1")
+        _check(0 <= self.min_confidence < 1, f"--min-confidence must be in [0, 1), got {self.min_confidence}")
 
     @property
     def decoding(self) -> dict:
@@ -99,10 +100,6 @@ def derangement(n: int, seed: int) -> list[int]:
         j = rng.randrange(i)  # j < i, never i itself: this is what makes it one cycle
         perm[i], perm[j] = perm[j], perm[i]
     return perm
-
-
-def sentences(text: str) -> list[str]:
-    return [s.strip() for s in _SENTENCE_END.split(text) if s and s.strip()]
 
 
 def shuffle_sentences(text: str, seed: int) -> str:
@@ -225,6 +222,13 @@ def evaluate(cfg: EvalConfig) -> dict:
     rows.append(_row("paraphrase", "probe: paraphrased by the base", para_sc,
                      "the base model (adapters off, greedy) rewrites the explanation", real))
 
+    sure = confident(nla, vec, samples, cfg.min_confidence, bs) if cfg.min_confidence > 0 else None
+    if sure is not None:
+        n_sure = sum(len(sentences(t)) for t in sure)
+        rows.append(_row("confident", f"probe: unsure sentences dropped (p < {cfg.min_confidence:g})", read(sure),
+                         f"the sentences whose least sure content word the AV wrote at p < {cfg.min_confidence:g} "
+                         f"left out ({n_sure} of {sum(len(sentences(t)) for t in texts)} sentences kept)", real))
+
     tokens = acts.tokens(tok)
     para_split = (paraphrase_split(texts, para, tokens, real["row_fve"], para_sc["row_fve"])
                   if real["row_fve"] is not None and para_sc["row_fve"] is not None else None)
@@ -235,7 +239,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     ctx = acts.prefixes
     content = dict(window=CONTENT_WINDOW, nla=content_hits(texts, ctx, CONTENT_WINDOW),
                    shuffled=content_hits(texts, [ctx[j] for j in perm], CONTENT_WINDOW) if perm else None,
-                   warm_start=None)
+                   warm_start=None, confident=content_hits(sure, ctx, CONTENT_WINDOW) if sure is not None else None,
+                   min_confidence=cfg.min_confidence)
     row_content = content_hit_counts(texts, ctx, CONTENT_WINDOW)
     ws = reference.warm_start_of(loc)
     if ws is not None:  # last: loading it replaces the RL adapters in the shared base
@@ -259,6 +264,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                        paraphrase=para[i], fve=real["row_fve"][i]) for i in range(min(3, n))],
         per_activation=[dict(doc_id=int(acts.doc_id[i]), pos=int(acts.pos[i]),
                              token=tokens[i], explanation=texts[i], ok=samples[i].ok,
+                             **(dict(confident=sure[i]) if sure is not None else {}),
                              fve=real["row_fve"][i], cos=real["row_cos"][i],
                              content_found=row_content[i][0], content_words=row_content[i][1]) for i in range(n)])
     out = Path(cfg.out) if cfg.out else default_out(loc, cfg.split)
@@ -325,6 +331,12 @@ def render_markdown(r: dict) -> str:
                   f"of context: {_pct(c['nla'])} (chance {_pct(c['shuffled'])})"
                   + (f"; warm start {_pct(c['warm_start'])}" if c["warm_start"] is not None else "")
                   + ". Content words leave out stopwords and the explanation format's own words (topic, token, ...)."]
+    if c.get("confident") is not None:
+        drop = {w["key"]: w for w in r["rows"]}.get("confident", {}).get("fve_drop")
+        lines += ["", f"Confidence probe: without the sentences the AV was unsure of (a content word written at "
+                      f"p < {c['min_confidence']:g}), {_pct(c['confident'])} of the content words are found in the "
+                      f"context, at an FVE cost of {_f(drop)}. A higher share than the test above means the AV's "
+                      f"wrong words are the ones it was unsure of."]
     if not r["png"]:
         lines += ["", "(no chart: matplotlib is not installed; pip install matplotlib)"]
     lines += ["", "## Examples"]

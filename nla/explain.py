@@ -5,6 +5,7 @@ The target runs only as far as the NLA's layer (early exit); each chosen token's
 into the AV, and the AR scores the explanation: FVE = 1 - MSE / MSE_mean (the checkpoint's
 predict-the-mean MSE) and cosine. Greedy by default; with --samples K, K explanations are
 sampled per token and the best by FVE is kept, with the spread as a sign of how sure the AV is.
+--min-confidence P shows only the sentences the AV was sure of (nla/confidence.py).
 Without --checkpoint, the NLA shipped inside the package for the model and layer is used.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from . import LAYER_CONVENTION, lora, reference
 from .config import _check, opt
 from .errors import NLAError
+from .confidence import confident
 from .metrics import score_vectors
 from .models import EMBEDDED_ALIAS, load_base, residual
 
@@ -51,6 +53,8 @@ class ExplainConfig:
     device: str = opt("auto", "auto, cpu, cuda, ...")
     load_in_4bit: bool = opt(False, "4-bit nf4 base (bitsandbytes)")
     seed: int = opt(0, "seed for sampling")
+    min_confidence: float = opt(0.0, "leave out the sentences whose least sure content word the AV wrote at a "
+                                     "probability under this (e.g. 0.1: mostly its guesses); 0 = as written")
 
     def __post_init__(self):
         _check(bool(self.prompt and self.prompt.strip()), 'a prompt is required: nla-cli explain "some text" ...')
@@ -60,6 +64,7 @@ class ExplainConfig:
         _check(self.temperature > 0, "--temperature must be > 0")
         _check(self.max_new >= 4, "--max-new must be >= 4")
         _check(self.batch_size >= 1, "--batch-size must be >= 1")
+        _check(0 <= self.min_confidence < 1, f"--min-confidence must be in [0, 1), got {self.min_confidence}")
 
 
 def parse_tokens(spec: str, n: int | None = None) -> list[int]:
@@ -143,16 +148,19 @@ def mse_mean_for(nla: reference.NLA, acts: str) -> float | None:
 
 
 def explain_vectors(nla: reference.NLA, vectors: torch.Tensor, mse_mean: float | None, samples: int = 1,
-                    temperature: float = 1.0, max_new: int = 64, seed: int = 0, batch_size: int = 16) -> list[dict]:
-    """Per vector: the explanation (best of `samples` by FVE; greedy when samples == 1) and its scores."""
+                    temperature: float = 1.0, max_new: int = 64, seed: int = 0, batch_size: int = 16,
+                    min_confidence: float = 0.0) -> list[dict]:
+    """Per vector: the explanation (best of `samples` by FVE; greedy when samples == 1) and its scores,
+    less its unsure sentences when min_confidence > 0 (scored as shown)."""
     k = samples
     reps = vectors.float().repeat_interleave(k, 0)
     out = nla.explain_all(reps, max_new, temperature if k > 1 else 0.0, seed, batch_size, desc="explain",
                           disable=len(vectors) <= 3)
-    sc = score_vectors(nla.reconstruct([s.text for s in out], batch_size), reps, mse_mean)
+    texts = confident(nla, reps, out, min_confidence, batch_size)
+    sc = score_vectors(nla.reconstruct(texts, batch_size), reps, mse_mean)
     rows = []
     for t in range(len(vectors)):
-        group = [dict(explanation=out[r].text, fve=sc["row_fve"][r] if sc["row_fve"] else None, cos=sc["row_cos"][r],
+        group = [dict(explanation=texts[r], fve=sc["row_fve"][r] if sc["row_fve"] else None, cos=sc["row_cos"][r],
                       ok=out[r].ok) for r in range(t * k, (t + 1) * k)]
         best = max(group, key=lambda g: g["cos"])  # same order as FVE: MSE = 2(1 - cos)
         row = dict(best)
@@ -178,8 +186,10 @@ def explain(cfg: ExplainConfig) -> dict:
     with torch.no_grad(), lora.use(base.model, None):  # the plain target, whatever adapters are attached
         h = residual(base.model, layer, torch.tensor([ids], device=base.device))[0].float()
     rows = explain_vectors(nla, h[idx].cpu(), mse_mean, cfg.samples, cfg.temperature, cfg.max_new, cfg.seed,
-                           cfg.batch_size)
+                           cfg.batch_size, cfg.min_confidence)
     decoding = "greedy" if cfg.samples == 1 else f"best of {cfg.samples} sampled at temperature {cfg.temperature:g}"
+    if cfg.min_confidence > 0:
+        decoding += f", sentences written at p < {cfg.min_confidence:g} left out"
     result = dict(model=base.name, layer=layer, checkpoint=str(loc), prompt=cfg.prompt, chat=cfg.chat,
                   decoding=decoding, mse_mean=mse_mean,
                   tokens=[dict(index=i, token=tok.decode([ids[i]]), **r) for i, r in zip(idx, rows)])

@@ -17,7 +17,7 @@ from nla.evaluate import (EvalConfig, derangement, evaluate, paraphrase_split, r
 from nla.metrics import content_hit_counts, content_hits, content_words, context_words, score_vectors, token_hits
 from nla.models import load_base
 
-ROWS = {"nla", "warm_start", "mean", "shuffled", "prefix", "sentence_shuffle", "paraphrase"}
+ROWS = {"nla", "warm_start", "mean", "shuffled", "prefix", "sentence_shuffle", "paraphrase", "confident"}
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +120,10 @@ def test_tail_keeps_the_end(tokenizer):
     assert tail(tokenizer, "short text", 20) == "short text"
 
 
+def _prefixes(run) -> list:
+    return load_activations(run["acts"]).select("heldout").prefixes
+
+
 def test_eval_report_on_tiny_run(tiny_run, tiny_path, tmp_path, capsys):
     out = tmp_path / "report"
     rep = evaluate(EvalConfig(checkpoint=tiny_run["rl"], data=tiny_run["acts"], max_new=6, out=str(out)))
@@ -151,6 +155,11 @@ def test_eval_report_on_tiny_run(tiny_run, tiny_path, tmp_path, capsys):
     found, words = sum(p["content_found"] for p in per), sum(p["content_words"] for p in per)
     assert content["nla"] == found / max(1, words)
     assert "content words found in the activation's last 40 words of context" in printed
+    # the confidence probe scores each explanation less its unsure sentences, which are whole sentences of it
+    sure = [p["confident"] for p in per]
+    assert content["min_confidence"] == 0.1 and content["confident"] == content_hits(sure, _prefixes(tiny_run))
+    assert all(set(sentences(c)) <= set(sentences(p["explanation"])) for c, p in zip(sure, per))
+    assert "Confidence probe:" in printed
     ps = rep["paraphrase_split"]
     assert 0 <= ps["kept"] <= ps["quoted"] <= rep["n"]
     if ps["quoted"]:
