@@ -6,7 +6,7 @@ It reads an eval report (report.json, whose per-activation rows hold the explana
 activation dataset it was run on, so it costs nothing to rerun. It shows where invented words
 come from, and what the faithfulness score would be if the explanations claimed less.
 
-    python bench/explanation_parts.py RUN/eval-heldout/report.json ACTS [--split heldout]
+    python bench/explanation_parts.py RUN/eval-heldout/report.json ACTS [--split heldout] [--checkpoint RUN/rl]
 """
 import os
 import sys
@@ -53,6 +53,7 @@ def main():
     ap.add_argument("report")
     ap.add_argument("acts")
     ap.add_argument("--split", default="heldout")
+    ap.add_argument("--checkpoint", default="", help="also score the explanations less each part with this NLA's AR")
     a = ap.parse_args()
     try:
         r = json.load(open(a.report))
@@ -92,6 +93,19 @@ def main():
     for k in (0, 1, 2, 3, 6):
         print(f"quote {k}" + "".join(f"{content_hits([trimmed(x, k, j) for x in texts], ctx, WINDOW):9.0%}"
                                      for j in (0, 1, 2, 4)))
+
+    if a.checkpoint:  # what each part is worth to the AR: FVE of the explanations less that part
+        from nla import reference
+        from nla.metrics import score_vectors
+        from nla.models import load_base
+        loc = reference.locate(a.checkpoint)
+        nla = reference.load(loc, load_base(acts.meta["model"], device="cpu") if loc.layout == "native" else None, "cpu")
+        print(f"\nFVE when the AR of {loc} reads the explanations less a part (MSE_mean {r['mse_mean']:.4f})")
+        for name, (k, j) in (("as written", (99, 99)), ("no topic words", (99, 0)), ("no quoted last words", (0, 99)),
+                             ("token only", (0, 0))):
+            read = texts if name == "as written" else [trimmed(x, k, j) for x in texts]
+            fve = score_vectors(nla.reconstruct(read), acts.vectors.float(), r["mse_mean"])["fve"]
+            print(f"  {name:<22} {fve:.3f}")
 
 
 if __name__ == "__main__":

@@ -240,7 +240,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     content = dict(window=CONTENT_WINDOW, nla=content_hits(texts, ctx, CONTENT_WINDOW),
                    shuffled=content_hits(texts, [ctx[j] for j in perm], CONTENT_WINDOW) if perm else None,
                    warm_start=None, confident=content_hits(sure, ctx, CONTENT_WINDOW) if sure is not None else None,
-                   min_confidence=cfg.min_confidence)
+                   confident_shuffled=content_hits(sure, [ctx[j] for j in perm], CONTENT_WINDOW)
+                   if sure is not None and perm else None, min_confidence=cfg.min_confidence)
     row_content = content_hit_counts(texts, ctx, CONTENT_WINDOW)
     ws = reference.warm_start_of(loc)
     if ws is not None:  # last: loading it replaces the RL adapters in the shared base
@@ -335,7 +336,7 @@ def render_markdown(r: dict) -> str:
         drop = {w["key"]: w for w in r["rows"]}.get("confident", {}).get("fve_drop")
         lines += ["", f"Confidence probe: without the sentences the AV was unsure of (a content word written at "
                       f"p < {c['min_confidence']:g}), {_pct(c['confident'])} of the content words are found in the "
-                      f"context, at an FVE cost of {_f(drop)}. A higher share than the test above means the AV's "
+                      f"context (chance {_pct(c.get('confident_shuffled'))}), at an FVE cost of {_f(drop)}. A higher share than the test above means the AV's "
                       f"wrong words are the ones it was unsure of."]
     if not r["png"]:
         lines += ["", "(no chart: matplotlib is not installed; pip install matplotlib)"]

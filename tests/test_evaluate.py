@@ -158,6 +158,7 @@ def test_eval_report_on_tiny_run(tiny_run, tiny_path, tmp_path, capsys):
     # the confidence probe scores each explanation less its unsure sentences, which are whole sentences of it
     sure = [p["confident"] for p in per]
     assert content["min_confidence"] == 0.1 and content["confident"] == content_hits(sure, _prefixes(tiny_run))
+    assert 0 <= content["confident_shuffled"] <= 1
     assert all(set(sentences(c)) <= set(sentences(p["explanation"])) for c, p in zip(sure, per))
     assert "Confidence probe:" in printed
     ps = rep["paraphrase_split"]
