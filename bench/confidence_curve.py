@@ -14,17 +14,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import argparse
 
-import torch
-
 from bench.explanation_parts import QUOTE, TOKEN, TOPIC
 from nla import reference
 from nla.collect import load_activations
-from nla.confidence import word_probs
+from nla.confidence import sample_logprobs, word_probs
 from nla.errors import NLAError
 from nla.evaluate import CONTENT_WINDOW, _take
 from nla.metrics import content_words, context_words
 from nla.models import load_base
-from nla.verbalizer import response_logprobs
 
 EDGES = (0.0, 0.05, 0.1, 0.2, 0.4, 0.7, 1.01)
 
@@ -57,23 +54,19 @@ def main():
     vec, tok = acts.vectors.float(), nla.av.tokenizer
     samples = nla.explain_all(vec, 64, 0.0, 0, a.batch_size)
     buckets = {}  # (part, bucket) -> [found, words]
-    with torch.no_grad():
-        for i in range(0, len(samples), a.batch_size):
-            chunk = samples[i:i + a.batch_size]
-            lp, _ = response_logprobs(nla.av, nla.spec, vec[i:i + a.batch_size], [s.ids for s in chunk], nla.av_role)
-            for j, s in enumerate(chunk):
-                text, words = word_probs(tok, s.ids, lp[j, :len(s.ids)].float().tolist())
-                ctx = context_words(acts.prefixes[i + j], CONTENT_WINDOW)
-                at = max(0, text.find(s.text))
-                for ws, we, p in words:
-                    w = content_words(text[ws:we])
-                    if not w or ws >= at + len(s.text):
-                        continue
-                    k = next(b for b in range(len(EDGES) - 1) if p < EDGES[b + 1])
-                    for part in (part_of(s.text, ws - at, we - at), "all"):
-                        cell = buckets.setdefault((part, k), [0, 0])
-                        cell[0] += len(w & ctx)
-                        cell[1] += len(w)
+    for i, (s, lp) in enumerate(zip(samples, sample_logprobs(nla, vec, samples, a.batch_size))):
+        text, words = word_probs(tok, s.ids, lp)
+        ctx = context_words(acts.prefixes[i], CONTENT_WINDOW)
+        at = max(0, text.find(s.text))
+        for ws, we, p in words:
+            w = content_words(text[ws:we])
+            if not w or ws >= at + len(s.text):
+                continue
+            k = next(b for b in range(len(EDGES) - 1) if p < EDGES[b + 1])
+            for part in (part_of(s.text, ws - at, we - at), "all"):
+                cell = buckets.setdefault((part, k), [0, 0])
+                cell[0] += len(w & ctx)
+                cell[1] += len(w)
     print(f"{loc}: {len(samples)} greedy explanations of {a.acts} ({a.split}); share of content words found "
           f"in the last {CONTENT_WINDOW} words of context, by the probability the AV wrote them with")
     head = [f"p {EDGES[k]:g}-{min(1, EDGES[k + 1]):g}" for k in range(len(EDGES) - 1)]

@@ -3,8 +3,8 @@
 An AV that cannot read something off its vector still writes a word there, and on a small base it
 writes many: the shipped 135M NLA's topic words are found in their context ~15% of the time, which
 is also all that a probe trained for exactly that gets from the vector (bench/context_probe.py).
-The AV knows when it is guessing: the content words it writes with a first-token probability of
-0.4 or more are right ~3 times in 4, those under 0.1 ~1 in 5 (bench/RESULTS.md). So a sentence is
+The AV knows when it is guessing: the content words it chooses with a probability of 0.7 or more
+are right 90% of the time, those under 0.05 12% (bench/confidence_curve.py, bench/RESULTS.md). So a sentence is
 as sure as its least sure content word, and `--min-confidence P` keeps only the sentences at P or
 above: fewer claims, more of them true. Off by default (the explanation as written); `nla-cli eval`
 always reports it as a probe, so the trade between FVE and faithfulness is measured on every run.
@@ -71,10 +71,8 @@ def keep_confident(scored: list[tuple[str, float]], min_p: float) -> str:
 
 
 @torch.no_grad()
-def confident(nla, vectors: torch.Tensor, samples: list, min_p: float, batch_size: int = 16) -> list[str]:
-    """Each sample's explanation less its sentences under `min_p` (as written when min_p is 0)."""
-    if min_p <= 0:
-        return [s.text for s in samples]
+def sample_logprobs(nla, vectors: torch.Tensor, samples: list, batch_size: int = 16) -> list[list[float]]:
+    """Each sample's per-token log-probs under the AV that wrote it, from its own vector."""
     from .verbalizer import response_logprobs
     out = []
     for i in range(0, len(samples), batch_size):
@@ -82,7 +80,14 @@ def confident(nla, vectors: torch.Tensor, samples: list, min_p: float, batch_siz
         vec = vectors[i:i + batch_size].float().to(nla.av.device)
         lp, _ = response_logprobs(nla.av, nla.spec, vec, [s.ids for s in chunk], role=nla.av_role)
         lp = lp.float().cpu()
-        for j, s in enumerate(chunk):
-            scored = sentence_confidence(nla.av.tokenizer, s.ids, lp[j, :len(s.ids)].tolist(), s.text)
-            out.append(keep_confident(scored, min_p))
+        out += [lp[j, :len(s.ids)].tolist() for j, s in enumerate(chunk)]
     return out
+
+
+def confident(nla, vectors: torch.Tensor, samples: list, min_p: float, batch_size: int = 16) -> list[str]:
+    """Each sample's explanation less its sentences under `min_p` (as written when min_p is 0)."""
+    if min_p <= 0:
+        return [s.text for s in samples]
+    lps = sample_logprobs(nla, vectors, samples, batch_size)
+    return [keep_confident(sentence_confidence(nla.av.tokenizer, s.ids, lp, s.text), min_p)
+            for s, lp in zip(samples, lps)]

@@ -336,8 +336,8 @@ def render_markdown(r: dict) -> str:
         drop = {w["key"]: w for w in r["rows"]}.get("confident", {}).get("fve_drop")
         lines += ["", f"Confidence probe: without the sentences the AV was unsure of (a content word written at "
                       f"p < {c['min_confidence']:g}), {_pct(c['confident'])} of the content words are found in the "
-                      f"context (chance {_pct(c.get('confident_shuffled'))}), at an FVE cost of {_f(drop)}. A higher share than the test above means the AV's "
-                      f"wrong words are the ones it was unsure of."]
+                      f"context (chance {_pct(c.get('confident_shuffled'))}), at an FVE cost of {_f(drop)}. A "
+                      f"higher share than the test above means the AV's wrong words are the ones it was unsure of."]
     if not r["png"]:
         lines += ["", "(no chart: matplotlib is not installed; pip install matplotlib)"]
     lines += ["", "## Examples"]

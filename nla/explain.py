@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from . import LAYER_CONVENTION, lora, reference
+from .confidence import confident
 from .config import _check, opt
 from .errors import NLAError
-from .confidence import confident
 from .metrics import score_vectors
 from .models import EMBEDDED_ALIAS, load_base, residual
 
