@@ -151,7 +151,7 @@ def explain_vectors(nla: reference.NLA, vectors: torch.Tensor, mse_mean: float |
                     temperature: float = 1.0, max_new: int = 64, seed: int = 0, batch_size: int = 16,
                     min_confidence: float = 0.0) -> list[dict]:
     """Per vector: the explanation (best of `samples` by FVE; greedy when samples == 1) and its scores,
-    less its unsure sentences when min_confidence > 0 (scored as shown)."""
+    less its unsure sentences when min_confidence > 0 (scored as shown; `written` keeps the whole)."""
     k = samples
     reps = vectors.float().repeat_interleave(k, 0)
     out = nla.explain_all(reps, max_new, temperature if k > 1 else 0.0, seed, batch_size, desc="explain",
@@ -161,7 +161,8 @@ def explain_vectors(nla: reference.NLA, vectors: torch.Tensor, mse_mean: float |
     rows = []
     for t in range(len(vectors)):
         group = [dict(explanation=texts[r], fve=sc["row_fve"][r] if sc["row_fve"] else None, cos=sc["row_cos"][r],
-                      ok=out[r].ok) for r in range(t * k, (t + 1) * k)]
+                      ok=out[r].ok, **(dict(written=out[r].text) if min_confidence > 0 else {}))
+                 for r in range(t * k, (t + 1) * k)]
         best = max(group, key=lambda g: g["cos"])  # same order as FVE: MSE = 2(1 - cos)
         row = dict(best)
         if k > 1:
