@@ -58,9 +58,11 @@ def main():
         text, words = word_probs(tok, s.ids, lp)
         ctx = context_words(acts.prefixes[i], CONTENT_WINDOW)
         at = max(0, text.find(s.text))
+        end = at + len(s.text)  # the closing tag may be glued to the last word
         for ws, we, p in words:
-            w = content_words(text[ws:we])
-            if not w or ws >= at + len(s.text):
+            we = min(we, end)
+            w = content_words(text[ws:we]) if ws < end else set()
+            if not w:
                 continue
             k = next(b for b in range(len(EDGES) - 1) if p < EDGES[b + 1])
             for part in (part_of(s.text, ws - at, we - at), "all"):

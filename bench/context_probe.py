@@ -48,8 +48,11 @@ def probe(acts, path: str, epochs: int, min_count: int, seed: int, share: float 
     held = acts.split == SPLITS.index("heldout")
     if not held.any() or held.all():
         raise NLAError(f"{path}: needs both a held-out split and training splits")
-    val = ~held & (acts.doc_id % 10 == 0)  # early stopping on whole documents, not the held-out split
-    fit = ~held & ~val & ((acts.doc_id * 2654435761) % 1000 < share * 1000)  # a fixed hash of the document
+    doc_hash = (acts.doc_id * 2654435761) % 1000  # a fixed hash of the document, whatever its id's pattern
+    val = ~held & (doc_hash % 10 == 7)  # early stopping on whole documents, not the held-out split
+    fit = ~held & ~val & (doc_hash < share * 1000)
+    if not val.any() or not fit.any():
+        raise NLAError(f"{path}: too few training documents to fit and validate a probe")
     counts = Counter(w for t, f in zip(targets, fit.tolist()) if f for w in t)
     vocab = [w for w, n in counts.most_common() if n >= min_count]
     if not vocab:
@@ -68,7 +71,7 @@ def probe(acts, path: str, epochs: int, min_count: int, seed: int, share: float 
         lin.bias.copy_(torch.log(prior / (1 - prior)))
     opt = torch.optim.Adam(lin.parameters(), lr=1e-3)
     xf, yf = x[fit], y[fit]
-    best, best_state, best_epoch = -1.0, None, 0
+    best, best_state, best_epoch = -1.0, {k: v.clone() for k, v in lin.state_dict().items()}, 0
     for epoch in range(1, epochs + 1):
         perm = torch.randperm(len(xf))
         for b in range(0, len(xf), 512):

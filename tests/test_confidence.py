@@ -92,3 +92,41 @@ def test_explain_min_confidence(tiny_run):
         assert math.isfinite(b["fve"])
     assert any(a["explanation"] != b["explanation"] for a, b in zip(full["tokens"], sure["tokens"]))
     one_line_error(cli(*args, "--min-confidence", "1.5"), "--min-confidence must be in [0, 1)")
+
+
+def _synthetic_acts(informative: bool, n_docs: int = 300, d: int = 32):
+    """One activation per document; each document names one of 20 words 5 words before its end.
+    Informative vectors point along that word's direction, the others are noise."""
+    from nla.collect import SPLITS, Activations
+    words = [f"{w}" for w in ("apple", "river", "engine", "violin", "glacier", "harbor", "saddle", "lantern",
+                               "meadow", "copper", "falcon", "pepper", "canyon", "tunnel", "walnut", "marble",
+                               "orchid", "anchor", "basket", "cactus")]
+    g = torch.Generator().manual_seed(0)
+    dirs = torch.randn(len(words), d, generator=g)
+    pick = torch.randint(len(words), (n_docs,), generator=g)
+    noise = torch.randn(n_docs, d, generator=g)
+    vectors = (dirs[pick] * 3 + noise) if informative else noise
+    prefixes = [f"Some text about the {words[k]} and then it was over" for k in pick.tolist()]
+    split = torch.tensor([SPLITS.index("heldout") if i % 5 == 0 else SPLITS.index("rl") for i in range(n_docs)])
+    ids = torch.arange(n_docs)
+    return Activations({"layer": 0}, vectors, ids, ids, ids, split, prefixes)
+
+
+def test_context_probe_reads_words_a_vector_carries_and_no_others():
+    from bench.context_probe import probe, topic_targets
+    assert topic_targets("the apple fell in the river and then it was over") == {"apple", "fell", "river"}
+    told = probe(_synthetic_acts(True), "told", epochs=150, min_count=2, seed=0)
+    blind = probe(_synthetic_acts(False), "blind", epochs=150, min_count=2, seed=0)
+    assert told["p1"] > 0.8 and told["prior1"] < 0.2  # the word is there to read, and guessing is poor
+    assert blind["p1"] < 0.3  # noise vectors: no better than guessing the common words
+
+
+def test_confidence_curve_parts(tokenizer):
+    from bench.confidence_curve import part_of
+    ids, lp = _ids_and_logprobs(tokenizer, {})
+    text, words = word_probs(tokenizer, ids, lp)
+    at = text.find(TEXT)
+    end = at + len(TEXT)  # as the curve does: the closing tag is not part of the last word
+    parts = {text[a:min(b, end)]: part_of(TEXT, a - at, min(b, end) - at) for a, b, _ in words if a < end}
+    assert parts['"capital'] == parts['city".'] == "last words"
+    assert parts["river"] == parts["mill."] == "topic" and parts['"is".'] == "token" and parts["The"] == "other"
