@@ -84,10 +84,14 @@ def sample_logprobs(nla, vectors: torch.Tensor, samples: list, batch_size: int =
     return out
 
 
+def scored_sentences(nla, vectors: torch.Tensor, samples: list, batch_size: int = 16) -> list[list[tuple[str, float]]]:
+    """Each sample's sentences with their confidence (keep_confident gates them at any threshold)."""
+    lps = sample_logprobs(nla, vectors, samples, batch_size)
+    return [sentence_confidence(nla.av.tokenizer, s.ids, lp, s.text) for s, lp in zip(samples, lps)]
+
+
 def confident(nla, vectors: torch.Tensor, samples: list, min_p: float, batch_size: int = 16) -> list[str]:
     """Each sample's explanation less its sentences under `min_p` (as written when min_p is 0)."""
     if min_p <= 0:
         return [s.text for s in samples]
-    lps = sample_logprobs(nla, vectors, samples, batch_size)
-    return [keep_confident(sentence_confidence(nla.av.tokenizer, s.ids, lp, s.text), min_p)
-            for s, lp in zip(samples, lps)]
+    return [keep_confident(sc, min_p) for sc in scored_sentences(nla, vectors, samples, batch_size)]

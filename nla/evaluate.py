@@ -35,7 +35,7 @@ import torch
 
 from . import lora, reference
 from .collect import SPLITS, Activations, load_activations
-from .confidence import _SENTENCE_END, confident, sentences
+from .confidence import _SENTENCE_END, keep_confident, scored_sentences, sentences
 from .config import _check, opt
 from .errors import NLAError
 from .io import write_json, write_text
@@ -45,6 +45,7 @@ from .reconstructor import MAX_EXPLANATION_TOKENS
 
 PARAPHRASE = ("Rewrite the following notes in your own words. Keep every piece of information and add "
               "nothing. Reply with the rewrite only.\n\n{text}")
+CONFIDENCE_SWEEP = (0.05, 0.1, 0.2, 0.4)  # the probe's thresholds besides --min-confidence: FVE against faithfulness
 # the faithfulness test's context, about two sentences: wider than the three "Last words" the warm
 # start quotes, so a topic word can hit as well as a copied quote, and narrow enough that a long
 # document's every word does not count as "this activation's context"
@@ -222,12 +223,21 @@ def evaluate(cfg: EvalConfig) -> dict:
     rows.append(_row("paraphrase", "probe: paraphrased by the base", para_sc,
                      "the base model (adapters off, greedy) rewrites the explanation", real))
 
-    sure = confident(nla, vec, samples, cfg.min_confidence, bs) if cfg.min_confidence > 0 else None
-    if sure is not None:
-        n_sure = sum(len(sentences(t)) for t in sure)
-        rows.append(_row("confident", f"probe: unsure sentences dropped (p < {cfg.min_confidence:g})", read(sure),
+    # the confidence probe: one log-prob pass, then the explanations gated at each threshold
+    sure, sweep = None, []
+    if cfg.min_confidence > 0:
+        scored = scored_sentences(nla, vec, samples, bs)
+        n_all = sum(len(sc) for sc in scored)
+        for p in sorted({*CONFIDENCE_SWEEP, cfg.min_confidence}):
+            gated = [keep_confident(sc, p) for sc in scored]
+            sc_p = read(gated)
+            sweep.append(dict(min_p=p, fve=sc_p["fve"], faithful=content_hits(gated, acts.prefixes, CONTENT_WINDOW),
+                              kept=sum(len(sentences(t)) for t in gated) / max(1, n_all)))
+            if p == cfg.min_confidence:
+                sure, sure_sc = gated, sc_p
+        rows.append(_row("confident", f"probe: unsure sentences dropped (p < {cfg.min_confidence:g})", sure_sc,
                          f"the sentences whose least sure content word the AV wrote at p < {cfg.min_confidence:g} "
-                         f"left out ({n_sure} of {sum(len(sentences(t)) for t in texts)} sentences kept)", real))
+                         f"left out ({sum(len(sentences(t)) for t in sure)} of {n_all} sentences kept)", real))
 
     tokens = acts.tokens(tok)
     para_split = (paraphrase_split(texts, para, tokens, real["row_fve"], para_sc["row_fve"])
@@ -259,7 +269,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         layer=m["layer"], d_model=m["d_model"], data=str(cfg.data), split=cfg.split, n=n, n_split=n_split,
         seed=cfg.seed, decoding=cfg.decoding, mse_mean=mse_mean, mse_mean_source=mse_src,
         ok_frac=sum(s.ok for s in samples) / n, rows=rows, token_hits=hits, content_hits=content,
-        paraphrase_split=para_split,
+        paraphrase_split=para_split, confidence_sweep=sweep,
         warm_start=str(ws.path) if ws else "no warm-start checkpoint beside this one",
         examples=[dict(prefix_tail=acts.prefixes[i][-160:], explanation=texts[i], sentences_shuffled=reordered[i],
                        paraphrase=para[i], fve=real["row_fve"][i]) for i in range(min(3, n))],
@@ -338,6 +348,10 @@ def render_markdown(r: dict) -> str:
                       f"p < {c['min_confidence']:g}), {_pct(c['confident'])} of the content words are found in the "
                       f"context (chance {_pct(c.get('confident_shuffled'))}), at an FVE cost of {_f(drop)}. A "
                       f"higher share than the test above means the AV's wrong words are the ones it was unsure of."]
+    if r.get("confidence_sweep"):
+        lines += ["", "| sentences left out below p | FVE | content words found | sentences kept |", "|---:|---:|---:|---:|"]
+        lines += [f"| {w['min_p']:g} | {_f(w['fve'])} | {_pct(w['faithful'])} | {_pct(w['kept'])} |"
+                  for w in r["confidence_sweep"]]
     if not r["png"]:
         lines += ["", "(no chart: matplotlib is not installed; pip install matplotlib)"]
     lines += ["", "## Examples"]

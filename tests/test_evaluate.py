@@ -161,6 +161,11 @@ def test_eval_report_on_tiny_run(tiny_run, tiny_path, tmp_path, capsys):
     assert 0 <= content["confident_shuffled"] <= 1
     assert all(set(sentences(c)) <= set(sentences(p["explanation"])) for c, p in zip(sure, per))
     assert "Confidence probe:" in printed
+    sweep = {w["min_p"]: w for w in rep["confidence_sweep"]}
+    assert sorted(sweep) == [0.05, 0.1, 0.2, 0.4] and "| sentences left out below p |" in printed
+    assert sweep[0.1]["faithful"] == content["confident"] and sweep[0.1]["fve"] == rows["confident"]["fve"]
+    kept = [sweep[p]["kept"] for p in sorted(sweep)]
+    assert kept == sorted(kept, reverse=True) and all(0 <= k <= 1 for k in kept)
     ps = rep["paraphrase_split"]
     assert 0 <= ps["kept"] <= ps["quoted"] <= rep["n"]
     if ps["quoted"]:
@@ -244,3 +249,23 @@ def test_eval_report_is_consistent_on_the_shipped_nla(tmp_path):
     assert rows["shuffled"]["fve"] < rows["nla"]["fve"]
     assert rep["token_hits"]["shuffled"] < rep["token_hits"]["nla"]
     assert all(math.isfinite(r["fve"]) for r in rep["rows"])
+
+
+def test_confidence_sweep_scores_each_threshold(tiny_run, tmp_path, monkeypatch):
+    """With confidences spread over the thresholds (a random tiny AV is unsure of everything), each
+    threshold gates different sentences, and the probe row is the --min-confidence one."""
+    import itertools
+
+    import nla.evaluate as ev
+    real = ev.scored_sentences
+    cycle = itertools.cycle([0.03, 0.07, 0.15, 0.3, 0.9])
+    monkeypatch.setattr(ev, "scored_sentences", lambda *a: [[(s, next(cycle)) for s, _ in sc] for sc in real(*a)])
+    rep = evaluate(EvalConfig(checkpoint=tiny_run["rl"], data=tiny_run["acts"], max_new=12, out=str(tmp_path / "r"),
+                              min_confidence=0.2))
+    sweep = {w["min_p"]: w for w in rep["confidence_sweep"]}
+    rows = {r["key"]: r for r in rep["rows"]}
+    assert sorted(sweep) == [0.05, 0.1, 0.2, 0.4] and rep["content_hits"]["min_confidence"] == 0.2
+    assert rows["confident"]["fve"] == sweep[0.2]["fve"] and "p < 0.2" in rows["confident"]["method"]
+    kept = [sweep[p]["kept"] for p in sorted(sweep)]
+    assert kept == sorted(kept, reverse=True) and kept[0] > kept[-1] > 0
+    assert len({sweep[p]["fve"] for p in sweep}) == 4
