@@ -1,6 +1,8 @@
 """Which sentences the AV was sure of: a sentence is as sure as its least sure content word, a
 word as its first token with a letter in it; `confident` applies that to an NLA's own samples, in
-batches; explain's --min-confidence shows only those sentences and scores what it shows."""
+batches; explain's --min-confidence shows only those sentences and scores what it shows. And the
+two bench tools behind it: the context probe reads words that vectors carry (and only those), the
+confidence curve files each word under its part of the explanation."""
 import json
 import math
 
@@ -14,6 +16,7 @@ from nla.confidence import confident, keep_confident, sentence_confidence, sente
 from nla.models import load_base
 from nla.spec import CLOSE
 from nla.verbalizer import response_logprobs
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_path, tmp_path_factory):
