@@ -36,6 +36,16 @@ def part_of(text: str, a: int, b: int) -> str:
     return "other"
 
 
+def explanation_words(tok, ids: list[int], logprobs: list[float], explanation: str) -> list[tuple[str, str, float]]:
+    """(word, part, p) for each word of an explanation, as the AV wrote it; the closing tag, which
+    the tokenizer may glue to the last word, is cut off."""
+    text, words = word_probs(tok, ids, logprobs)
+    at = max(0, text.find(explanation))
+    end = at + len(explanation)
+    return [(text[ws:min(we, end)], part_of(explanation, ws - at, min(we, end) - at), p)
+            for ws, we, p in words if ws < end]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint")
@@ -55,18 +65,14 @@ def main():
     samples = nla.explain_all(vec, 64, 0.0, 0, a.batch_size)
     buckets = {}  # (part, bucket) -> [found, words]
     for i, (s, lp) in enumerate(zip(samples, sample_logprobs(nla, vec, samples, a.batch_size))):
-        text, words = word_probs(tok, s.ids, lp)
         ctx = context_words(acts.prefixes[i], CONTENT_WINDOW)
-        at = max(0, text.find(s.text))
-        end = at + len(s.text)  # the closing tag may be glued to the last word
-        for ws, we, p in words:
-            we = min(we, end)
-            w = content_words(text[ws:we]) if ws < end else set()
+        for word, part, p in explanation_words(tok, s.ids, lp, s.text):
+            w = content_words(word)
             if not w:
                 continue
             k = next(b for b in range(len(EDGES) - 1) if p < EDGES[b + 1])
-            for part in (part_of(s.text, ws - at, we - at), "all"):
-                cell = buckets.setdefault((part, k), [0, 0])
+            for cell_part in (part, "all"):
+                cell = buckets.setdefault((cell_part, k), [0, 0])
                 cell[0] += len(w & ctx)
                 cell[1] += len(w)
     print(f"{loc}: {len(samples)} greedy explanations of {a.acts} ({a.split}); share of content words found "

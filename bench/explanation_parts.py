@@ -98,8 +98,12 @@ def main():
         from nla import reference
         from nla.metrics import score_vectors
         from nla.models import load_base
-        loc = reference.locate(a.checkpoint)
-        nla = reference.load(loc, load_base(acts.meta["model"], device="cpu") if loc.layout == "native" else None, "cpu")
+        try:
+            loc = reference.locate(a.checkpoint)
+            nla = reference.load(loc, load_base(acts.meta["model"], device="cpu") if loc.layout == "native" else None,
+                                 "cpu")
+        except NLAError as e:
+            sys.exit(f"explanation_parts: --checkpoint {a.checkpoint}: {e}")
         print(f"\nFVE when the AR of {loc} reads the explanations less a part (MSE_mean {r['mse_mean']:.4f})")
         for name, (k, j) in (("as written", (99, 99)), ("no topic words", (99, 0)), ("no quoted last words", (0, 99)),
                              ("token only", (0, 0))):

@@ -230,14 +230,15 @@ def evaluate(cfg: EvalConfig) -> dict:
         n_all = sum(len(sc) for sc in scored)
         for p in sorted({*CONFIDENCE_SWEEP, cfg.min_confidence}):
             gated = [keep_confident(sc, p) for sc in scored]
+            n_kept = sum(c >= p for sc in scored for _, c in sc)
             sc_p = read(gated)
             sweep.append(dict(min_p=p, fve=sc_p["fve"], faithful=content_hits(gated, acts.prefixes, CONTENT_WINDOW),
-                              kept=sum(len(sentences(t)) for t in gated) / max(1, n_all)))
+                              kept=n_kept / max(1, n_all)))
             if p == cfg.min_confidence:
-                sure, sure_sc = gated, sc_p
+                sure, sure_sc, sure_kept = gated, sc_p, n_kept
         rows.append(_row("confident", f"probe: unsure sentences dropped (p < {cfg.min_confidence:g})", sure_sc,
                          f"the sentences whose least sure content word the AV wrote at p < {cfg.min_confidence:g} "
-                         f"left out ({sum(len(sentences(t)) for t in sure)} of {n_all} sentences kept)", real))
+                         f"left out ({sure_kept} of {n_all} sentences kept)", real))
 
     tokens = acts.tokens(tok)
     para_split = (paraphrase_split(texts, para, tokens, real["row_fve"], para_sc["row_fve"])

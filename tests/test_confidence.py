@@ -125,11 +125,8 @@ def test_context_probe_reads_words_a_vector_carries_and_no_others():
 
 
 def test_confidence_curve_parts(tokenizer):
-    from bench.confidence_curve import part_of
+    from bench.confidence_curve import explanation_words
     ids, lp = _ids_and_logprobs(tokenizer, {})
-    text, words = word_probs(tokenizer, ids, lp)
-    at = text.find(TEXT)
-    end = at + len(TEXT)  # as the curve does: the closing tag is not part of the last word
-    parts = {text[a:min(b, end)]: part_of(TEXT, a - at, min(b, end) - at) for a, b, _ in words if a < end}
+    parts = {w: part for w, part, _ in explanation_words(tokenizer, ids, lp, TEXT)}
     assert parts['"capital'] == parts['city".'] == "last words"
     assert parts["river"] == parts["mill."] == "topic" and parts['"is".'] == "token" and parts["The"] == "other"
