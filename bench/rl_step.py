@@ -14,7 +14,9 @@ step reads all of them too (on a random model they would all be failures and ski
 device: where the update's time goes, before anything is cut from it.
 On CPU (no --shape): the embedded SmolLM2, torch kernels, HF generate with its default cache.
 "ours" samples with each LoRA merged into a copy of its weight where the base allows it (not
-4-bit); "ours-adapters" is the same loop with the adapters run beside the weights, as before.
+4-bit); "ours-adapters" is the same loop with the adapters run beside the weights, as before;
+"ours-compiled-repeatkv" is the compiled loop with Hugging Face's attention (repeat_kv) instead
+of the packed one (nla/decoding.py).
 """
 import os
 import sys
@@ -72,7 +74,8 @@ def main():
     ap.add_argument("--max-new", type=int, default=64)
     ap.add_argument("--micro", type=int, default=0)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--loops", default="ours,reference,hf", help="of ours,ours-compiled,ours-adapters,reference,hf-eager,hf")
+    ap.add_argument("--loops", default="ours,reference,hf",
+                    help="of ours,ours-compiled,ours-adapters,ours-compiled-repeatkv,reference,hf-eager,hf")
     ap.add_argument("--profile", action="store_true", help="profile one update and print its top ops")
     ap.add_argument("--profile-rows", type=int, default=15)
     a = ap.parse_args()
@@ -99,15 +102,17 @@ def main():
         print(f"roofline: {wb / 1e9:.2f} GB of weights per decode step / {bw / 1e12:.2f} TB/s copy = "
               f"{wb / bw * 1e3:.3f} ms -> at most {roof:,.0f} tok/s at batch {n}")
     print(f"{'loop':34} {'rollout s':>10} {'tok/s':>10} {'vs ref':>7} {'roofline':>9}", flush=True)
-    def ours(compiled: bool, merged: bool = True):
+    def ours(compiled: bool, merged: bool = True, packed: bool = True):
         def run():
             os.environ["NLA_COMPILE_DECODE"] = "1" if compiled else "0"
             os.environ["NLA_MERGE_SAMPLING"] = "1" if merged else "0"
+            os.environ["NLA_PACKED_GQA"] = "1" if packed else "0"
             g = torch.Generator(dev).manual_seed(0)
             try:
                 return sum(len(s.ids) for s in generate(base, spec, vecs, a.max_new, 1.0, generator=g))
             finally:
                 os.environ.pop("NLA_MERGE_SAMPLING")
+                os.environ.pop("NLA_PACKED_GQA")
         return run
 
     cuda = dev.type == "cuda"
@@ -115,6 +120,7 @@ def main():
         "ours": ("ours (static cache" + (", CUDA graph)" if cuda else ")"), ours(False)),
         "ours-compiled": ("ours (+ torch.compile'd step)", ours(True)),
         "ours-adapters": ("ours, LoRA unmerged" + (" (graph)" if cuda else ""), ours(False, merged=False)),
+        "ours-compiled-repeatkv": ("ours compiled, HF repeat_kv", ours(True, packed=False)),
         "reference": ("old eager loop (dynamic cache)",
                       lambda: sum(len(s.ids) for s in generate_reference(base, spec, vecs, a.max_new, 1.0,
                                                                          generator=torch.Generator(dev).manual_seed(0)))),

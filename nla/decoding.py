@@ -22,9 +22,15 @@ On CUDA the step is also compiled with torch.compile before it is captured: Indu
 per (batch, length) shape, so it is on by default for full-precision bases and off for 4-bit ones
 (bitsandbytes ops are not known to compile); `NLA_COMPILE_DECODE=0|1` overrides. A failed compile
 falls back to the graph alone, a failed capture to eager.
+
+The decode step's attention reads the cache once per key/value head (`packed_gqa`): Hugging Face's
+SDPA path, when compiled or given a mask, first copies every key/value head once per query head
+that shares it (`repeat_kv`), which for a 1.5B-shaped model at batch 64 writes and rereads more
+bytes per step than the weights themselves.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import warnings
@@ -82,6 +88,45 @@ class StopDetector:
         return bool(self.stopped(out).all())  # the one host sync
 
 
+PACKED = "nla_packed_gqa"
+
+
+def packed_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kw):
+    """SDPA for one query token with grouped key/value heads, without repeat_kv: the query heads
+    that share a key/value head are laid out as that head's query positions (a reshape: head j
+    reads key/value head j // groups, as repeat_kv orders them), so the cache is read as it is
+    stored. Anything else goes to Hugging Face's SDPA function unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    groups = getattr(module, "num_key_value_groups", 1)
+    if (query.shape[2] != 1 or groups == 1 or attention_mask is None or attention_mask.shape[1] != 1
+            or kw.get("position_bias") is not None or kw.get("softcap") is not None):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kw)
+    b, h, _, d = query.shape
+    out = torch.nn.functional.scaled_dot_product_attention(query.reshape(b, h // groups, groups, d), key, value,
+                                                           attn_mask=attention_mask, scale=scaling)
+    return out.reshape(b, h, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def packed_gqa(model):
+    """Decode with packed_gqa_attention where the model runs SDPA (its masks stay SDPA's);
+    NLA_PACKED_GQA=0 keeps Hugging Face's path (for a comparison)."""
+    cfg = model.config
+    if getattr(cfg, "_attn_implementation", None) != "sdpa" or os.environ.get("NLA_PACKED_GQA", "1") == "0":
+        yield
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    AttentionInterface.register(PACKED, packed_gqa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED, sdpa_mask)
+    cfg._attn_implementation = PACKED
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = "sdpa"
+
+
 def _cache_kw(model) -> str:
     # transformers 5.2x renamed past_key_values to cache
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -127,7 +172,7 @@ class Decoder:
         dtype = model.get_input_embeddings().weight.dtype
         dev = model.get_input_embeddings().weight.device
         key = (n, max_len, role, dtype, _graphs_wanted(dev), os.environ.get("NLA_COMPILE_DECODE", ""),
-               os.environ.get("NLA_MERGE_SAMPLING", ""))
+               os.environ.get("NLA_MERGE_SAMPLING", ""), os.environ.get("NLA_PACKED_GQA", ""))
         if key in decs:
             decs.move_to_end(key)
         else:
@@ -154,7 +199,8 @@ class Decoder:
             self.graph.replay()
             out = self.logits
         else:
-            out = self._forward(input_ids=self.tok, position_ids=self.pos)
+            with packed_gqa(self.model):
+                out = self._forward(input_ids=self.tok, position_ids=self.pos)
         self.pos += 1
         return out
 
@@ -166,6 +212,10 @@ class Decoder:
         """Record one step. Warm-up steps first (on a side stream, as CUDA graphs require) write
         a junk key/value at the next slot, which the real step overwrites before anything reads
         it; the cache's fill counters are put back afterwards."""
+        with packed_gqa(self.model):
+            self._record()
+
+    def _record(self) -> None:
         lengths = self._lengths()
         saved = [t.clone() for t in lengths]
         fwd = self._forward

@@ -198,8 +198,8 @@ def test_cuda_graph_decoding_equals_eager(tiny_path, monkeypatch, dtype):
 @pytest.mark.slow
 def test_compiled_decode_step_matches_eager(av_base):
     """What CUDA runs by default: the step compiled by torch.compile (here with Inductor's CPU
-    backend, ~20 s) gives the eager step's logits."""
-    from nla.decoding import Decoder
+    backend, ~20 s) with the packed attention gives the eager step's logits."""
+    from nla.decoding import Decoder, packed_gqa
     spec = _spec(av_base)
     m = av_base.model
     dec = Decoder(m, 3, 120, "av")
@@ -211,5 +211,47 @@ def test_compiled_decode_step_matches_eager(av_base):
         fwd = torch.compile(dec._forward, dynamic=False)
         for ref in eager:
             dec.tok.copy_(nxt[:, None])
-            torch.testing.assert_close(fwd(input_ids=dec.tok, position_ids=dec.pos), ref, rtol=1e-4, atol=1e-5)
+            with packed_gqa(m):
+                got = fwd(input_ids=dec.tok, position_ids=dec.pos)
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
             dec.pos += 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_gqa_attention_equals_repeat_kv(dtype):
+    """One query token over a masked static cache: the packed layout gives what Hugging Face's
+    SDPA path (repeat_kv) gives, head by head; other shapes are passed through to it."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from nla.decoding import packed_gqa_attention
+
+    class Attn(torch.nn.Module):
+        num_key_value_groups = 3
+        is_causal = True
+
+    g = torch.Generator().manual_seed(0)
+    b, kvh, L, d = 5, 2, 37, 16
+    q = torch.randn(b, kvh * 3, 1, d, generator=g).to(dtype)
+    k, v = (torch.randn(b, kvh, L, d, generator=g).to(dtype) for _ in range(2))
+    mask = torch.arange(L)[None, None, None, :] < torch.tensor([5, 11, 20, 30, 37])[:, None, None, None]
+    ours, _ = packed_gqa_attention(Attn(), q, k, v, mask, scaling=0.25)
+    ref, _ = sdpa_attention_forward(Attn(), q, k, v, mask, scaling=0.25)
+    assert ours.shape == ref.shape == (b, 1, kvh * 3, d)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ours, ref, atol=tol, rtol=tol)
+    q4 = torch.randn(b, kvh * 3, 4, d, generator=g).to(dtype)  # a prefill: not packed, same function
+    m4 = torch.ones(b, 1, 4, L, dtype=torch.bool)
+    torch.testing.assert_close(packed_gqa_attention(Attn(), q4, k, v, m4)[0], sdpa_attention_forward(Attn(), q4, k, v, m4)[0])
+
+
+def test_decoding_uses_packed_gqa(av_base, monkeypatch):
+    """The decode step really runs the packed attention (the tiny model has 4 query heads over 2
+    key/value heads), and the model's implementation is SDPA again afterwards."""
+    import nla.decoding as D
+    calls = []
+    real = D.packed_gqa_attention
+    monkeypatch.setattr(D, "packed_gqa_attention", lambda *a, **k: calls.append(a[1].shape[2]) or real(*a, **k))
+    spec = _spec(av_base)
+    v = torch.randn(2, av_base.d_model, generator=torch.Generator().manual_seed(1))
+    V.generate(av_base, spec, v, 3, 0.0)
+    assert 1 in calls and av_base.model.config._attn_implementation == "sdpa"

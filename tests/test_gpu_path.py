@@ -78,11 +78,13 @@ def test_gpu_preset_end_to_end_with_resume_and_eval(tiny_acts, tmp_path, quant):
 def test_gpu_check_dry_run_prints_the_plan():
     import subprocess
     import sys
-    r = subprocess.run([sys.executable, "bench/gpu_check.py", "--dry-run"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "bench/gpu_check.py", "--dry-run", "--only", "all"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     for stage in ("parity", "kernels", "rl-smol", "rl-1.5b", "memory", "e2e"):
         assert f"  {stage} " in r.stdout
+    r = subprocess.run([sys.executable, "bench/gpu_check.py", "--dry-run"], capture_output=True, text=True)
+    assert "  parity " in r.stdout and "  rl-1.5b " in r.stdout and "  e2e " not in r.stdout
     total = int(r.stdout.split("at most ")[1].split(" s")[0])
-    assert total <= 8 * 60  # the whole check fits a lent machine's budget with room to rerun
+    assert total <= 8 * 60  # the default check fits a lent machine's budget with room to rerun
     r = subprocess.run([sys.executable, "bench/gpu_check.py", "--dry-run", "--only", "memory"], capture_output=True, text=True)
     assert "1 stages" in r.stdout and "bench/memory.py" in r.stdout
