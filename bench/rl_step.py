@@ -10,8 +10,9 @@ step reads all of them too (on a random model they would all be failures and ski
 
     python bench/rl_step.py [--shape smollm2|qwen2.5-1.5b|qwen2.5-7b | --model smollm2] [--nf4]
         [--acts 8] [--group 8] [--max-new 150] [--steps 3] [--micro 0] [--loops ours,reference,hf] [--profile]
---profile adds one profiled update (AR step + GRPO step) and prints its top ops by self time on the
-device: where the update's time goes, before anything is cut from it.
+--profile adds one profiled update (AR step + GRPO step) per kernel mode and prints its top ops by
+self time on the device: where the update's time goes, before anything is cut from it;
+--profile-decode does the same for one rollout of the fastest of our loops.
 On CPU (no --shape): the embedded SmolLM2, torch kernels, HF generate with its default cache.
 "ours" samples with each LoRA merged into a copy of its weight where the base allows it (not
 4-bit); "ours-adapters" is the same loop with the adapters run beside the weights, as before;
@@ -78,6 +79,9 @@ def main():
                     help="of ours,ours-compiled,ours-adapters,ours-compiled-repeatkv,reference,hf-eager,hf")
     ap.add_argument("--profile", action="store_true", help="profile one update and print its top ops")
     ap.add_argument("--profile-rows", type=int, default=15)
+    ap.add_argument("--profile-decode", action="store_true",
+                    help="profile one rollout of the fastest of our loops: the decode step's kernels")
+    ap.add_argument("--modes", default="torch,triton", help="kernel modes of the update, in the order they alternate")
     a = ap.parse_args()
     if a.shape:
         base = random_base(a.shape, "cuda" if torch.cuda.is_available() else "cpu",
@@ -145,9 +149,12 @@ def main():
 
     wanted = a.loops.split(",")
     measure([k for k in wanted if k != "hf"])  # HF's compile can be slow: it goes last, after the update
+    fastest = max((k for k in speeds if k.startswith("ours")), key=speeds.get, default=None)
+    if a.profile_decode and fastest:
+        profile_ops(f"one rollout of {fastest} ({a.max_new} steps)", loops[fastest][1], dev, a.profile_rows)
     os.environ["NLA_COMPILE_DECODE"] = "0"
 
-    modes = ["torch", "triton"] if dev.type == "cuda" else ["torch"]
+    modes = a.modes.split(",") if dev.type == "cuda" else ["torch"]
     print(f"\n{'kernels':8} {'rollout s':>10} {'update s':>9} {'AR s':>7} {'GRPO s':>7} {'step s':>8}", flush=True)
     rows = {m: [] for m in modes}
     for step in range(a.steps + 1):  # modes interleaved, so allocator warm-up and drift hit both; step 0 warms up
@@ -181,24 +188,37 @@ def main():
 
 
 def profile_update(base, spec, head, vecs, opt_av, opt_ar, a, dev):
-    """One update under torch.profiler (samples drawn outside it): the ops that take its time."""
-    from torch.profiler import ProfilerActivity, profile
+    """One update per kernel mode under torch.profiler (samples drawn outside it): the ops that
+    take its time."""
     samples = generate(base, spec, vecs, a.max_new, 1.0, generator=torch.Generator(device=dev).manual_seed(99))
     for s in samples:
         s.ok = True
+    for mode in (a.modes.split(",") if dev.type == "cuda" else ["torch"]):
+        os.environ["NLA_KERNELS"] = mode
+        m = {}
+        profile_ops(f"one update, {mode} kernels", lambda: m.update(
+            update(base, spec, head, vecs, samples, opt_av, opt_ar, a.group, 0.01, 0.2, micro=a.micro)), dev,
+            a.profile_rows, lambda: f"AR {m['ar_time']:.3f} s, GRPO {m['grpo_time']:.3f} s under the profiler")
+    os.environ.pop("NLA_KERNELS", None)
+
+
+def profile_ops(what, fn, dev, rows, extra=lambda: ""):
+    """fn() under torch.profiler; its top ops by self time on the device (kernels replayed from a
+    CUDA graph are traced one by one)."""
+    from torch.profiler import ProfilerActivity, profile
     cuda = dev.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
-        m = update(base, spec, head, vecs, samples, opt_av, opt_ar, a.group, 0.01, 0.2, micro=a.micro)
+        fn()
         if cuda:
             torch.cuda.synchronize(dev)
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     ev = prof.key_averages()
     total = sum(getattr(e, key) for e in ev) or 1.0
-    print(f"\nprofile of one update (AR {m['ar_time']:.3f} s, GRPO {m['grpo_time']:.3f} s under the profiler), "
-          f"top ops by self {'device' if cuda else 'CPU'} time (total {total / 1e6:.3f} s):", flush=True)
+    print(f"\nprofile of {what}{' (' + extra() + ')' if extra() else ''}, top ops by self "
+          f"{'device' if cuda else 'CPU'} time (total {total / 1e6:.3f} s):", flush=True)
     print(f"{'op':60} {'ms':>9} {'share':>6} {'calls':>6}")
-    for e in sorted(ev, key=lambda e: getattr(e, key), reverse=True)[:a.profile_rows]:
+    for e in sorted(ev, key=lambda e: getattr(e, key), reverse=True)[:rows]:
         t = getattr(e, key)
         print(f"prof {e.key[:55]:55} {t / 1e3:9.1f} {t / total:6.1%} {e.count:6d}")
     print(flush=True)
