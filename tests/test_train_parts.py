@@ -231,3 +231,36 @@ def test_micro_batches_give_the_same_update(tiny_path):
         assert m["kl"] == pytest.approx(results[0][2]["kl"], abs=1e-6)
 
 
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_lora_linear_is_weight_plus_scaled_low_rank(base_dtype):
+    """A wrapped projection computes W x + b + (alpha/r) B A x, with gradients to A and B only
+    (fp32 master adapters, on an fp32 or bf16 base), for 2-D and 3-D inputs."""
+    from torch import nn
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(12, 10, bias=True).to(base_dtype).requires_grad_(False)
+    sw = lora._Switch()
+    m = lora.LoRALinear(lin, sw)
+    m.adapters["av"] = lora.Adapter(12, 10, rank=3, alpha=6.0)
+    with torch.no_grad():
+        m.adapters["av"].B.normal_(0, 0.3, generator=g)
+    a = m.adapters["av"]
+    sw.active = "av"
+    for shape in ((7, 12), (2, 5, 12)):
+        x = torch.randn(*shape, generator=g).to(base_dtype)
+        y = m(x)
+        want = (x.float() @ lin.weight.float().t() + lin.bias.float()
+                + 2.0 * (x.float() @ a.A.detach().t()) @ a.B.detach().t())
+        assert y.shape == want.shape and y.dtype == base_dtype
+        tol = 1e-5 if base_dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(y.float(), want, atol=tol, rtol=tol)
+        gy = torch.randn(y.shape, generator=g)
+        a.A.grad = a.B.grad = None
+        (y.float() * gy).sum().backward()
+        A, B = a.A.detach().clone().requires_grad_(), a.B.detach().clone().requires_grad_()
+        ((2.0 * (x.float() @ A.t()) @ B.t()) * gy).sum().backward()
+        torch.testing.assert_close(a.A.grad, A.grad, atol=20 * tol, rtol=20 * tol)
+        torch.testing.assert_close(a.B.grad, B.grad, atol=20 * tol, rtol=20 * tol)
+    sw.active = None
+    torch.testing.assert_close(m(x), lin(x))
