@@ -42,13 +42,13 @@ STAGES = [
     ("rl-smol", 40, f"{PY} bench/rl_step.py --shape smollm2 --acts 8 --group 8 --max-new 64 --steps 2 --loops ours,ours-adapters,reference",
      r"roofline|ours|old eager|torch |triton |failed"),
     ("rl-1.5b", 260, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 2 --rank 64 "
-                     f"--micro 32 --loops ours,ours-compiled,ours-compiled-repeatkv,ours-adapters,reference,hf --profile",
+                     f"--micro 32 --loops ours,ours-compiled,ours-compiled-unfused,reference,hf --profile",
      r"roofline|ours|old eager|HF generate|torch |triton |failed|peak|^prof "),
     ("memory", 110, f"{PY} bench/memory.py --steps 2", r"RL step|peak GPU|step \d"),
     # diagnosis, on request: the compiled decode step's kernels, and the update per kernel mode
     # with the modes' order reversed (is the Triton mode's slower AR phase kernels or warm-up?)
     ("profile", 170, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 3 --rank 64 "
-                     f"--micro 32 --loops ours-compiled --modes triton,torch --profile --profile-decode --profile-rows 22",
+                     f"--micro 32 --loops ours-compiled --modes triton,torch --profile --profile-decode --profile-rows 30",
      r"roofline|ours|torch |triton |profile of"),
     ("memory-torch", 100, f"env NLA_KERNELS=torch {PY} bench/memory.py --steps 3", r"RL step|peak GPU|step \d"),
     ("e2e", 100, "bash -c " + shlex.quote(

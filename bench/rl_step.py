@@ -17,7 +17,8 @@ On CPU (no --shape): the embedded SmolLM2, torch kernels, HF generate with its d
 "ours" samples with each LoRA merged into a copy of its weight where the base allows it (not
 4-bit); "ours-adapters" is the same loop with the adapters run beside the weights, as before;
 "ours-compiled-repeatkv" is the compiled loop with Hugging Face's attention (repeat_kv) instead
-of the packed one (nla/decoding.py).
+of the packed one (nla/decoding.py); "ours-compiled-unfused" runs q/k/v and gate/up as separate
+GEMMs instead of one per input (nla/lora.py). On CPU "compiled" changes nothing.
 """
 import os
 import sys
@@ -76,7 +77,8 @@ def main():
     ap.add_argument("--micro", type=int, default=0)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--loops", default="ours,reference,hf",
-                    help="of ours,ours-compiled,ours-adapters,ours-compiled-repeatkv,reference,hf-eager,hf")
+                    help="of ours,ours-compiled,ours-adapters,ours-compiled-repeatkv,ours-compiled-unfused,"
+                         "reference,hf-eager,hf")
     ap.add_argument("--profile", action="store_true", help="profile one update and print its top ops")
     ap.add_argument("--profile-rows", type=int, default=15)
     ap.add_argument("--profile-decode", action="store_true",
@@ -106,17 +108,18 @@ def main():
         print(f"roofline: {wb / 1e9:.2f} GB of weights per decode step / {bw / 1e12:.2f} TB/s copy = "
               f"{wb / bw * 1e3:.3f} ms -> at most {roof:,.0f} tok/s at batch {n}")
     print(f"{'loop':34} {'rollout s':>10} {'tok/s':>10} {'vs ref':>7} {'roofline':>9}", flush=True)
-    def ours(compiled: bool, merged: bool = True, packed: bool = True):
+    def ours(compiled: bool, merged: bool = True, packed: bool = True, fused: bool = True):
         def run():
             os.environ["NLA_COMPILE_DECODE"] = "1" if compiled else "0"
             os.environ["NLA_MERGE_SAMPLING"] = "1" if merged else "0"
             os.environ["NLA_PACKED_GQA"] = "1" if packed else "0"
+            os.environ["NLA_FUSED_SAMPLING"] = "1" if fused else "0"
             g = torch.Generator(dev).manual_seed(0)
             try:
                 return sum(len(s.ids) for s in generate(base, spec, vecs, a.max_new, 1.0, generator=g))
             finally:
-                os.environ.pop("NLA_MERGE_SAMPLING")
-                os.environ.pop("NLA_PACKED_GQA")
+                for k in ("NLA_MERGE_SAMPLING", "NLA_PACKED_GQA", "NLA_FUSED_SAMPLING"):
+                    os.environ.pop(k)
         return run
 
     cuda = dev.type == "cuda"
@@ -125,6 +128,7 @@ def main():
         "ours-compiled": ("ours (+ torch.compile'd step)", ours(True)),
         "ours-adapters": ("ours, LoRA unmerged" + (" (graph)" if cuda else ""), ours(False, merged=False)),
         "ours-compiled-repeatkv": ("ours compiled, HF repeat_kv", ours(True, packed=False)),
+        "ours-compiled-unfused": ("ours compiled, projections apart", ours(True, fused=False)),
         "reference": ("old eager loop (dynamic cache)",
                       lambda: sum(len(s.ids) for s in generate_reference(base, spec, vecs, a.max_new, 1.0,
                                                                          generator=torch.Generator(dev).manual_seed(0)))),

@@ -172,7 +172,8 @@ class Decoder:
         dtype = model.get_input_embeddings().weight.dtype
         dev = model.get_input_embeddings().weight.device
         key = (n, max_len, role, dtype, _graphs_wanted(dev), os.environ.get("NLA_COMPILE_DECODE", ""),
-               os.environ.get("NLA_MERGE_SAMPLING", ""), os.environ.get("NLA_PACKED_GQA", ""))
+               os.environ.get("NLA_MERGE_SAMPLING", ""), os.environ.get("NLA_PACKED_GQA", ""),
+               os.environ.get("NLA_FUSED_SAMPLING", ""))
         if key in decs:
             decs.move_to_end(key)
         else:

@@ -123,6 +123,9 @@ def test_merged_sampling_weights(av_base, monkeypatch):
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 0.05)
         v = torch.randn(4, av_base.d_model, generator=torch.Generator().manual_seed(4))
         _same(*_both(av_base, spec, v, 12, 1.0, seed=2))
+        monkeypatch.setenv("NLA_FUSED_SAMPLING", "1")  # one GEMM per input, as on a GPU: same samples
+        _same(*_both(av_base, spec, v, 12, 1.0, seed=2))
+        monkeypatch.delenv("NLA_FUSED_SAMPLING")
         monkeypatch.setenv("NLA_MERGE_SAMPLING", "0")  # merges left in place are stale: never read
         for m in mods:
             m.merged.add_(1.0)
@@ -196,25 +199,35 @@ def test_cuda_graph_decoding_equals_eager(tiny_path, monkeypatch, dtype):
 
 
 @pytest.mark.slow
-def test_compiled_decode_step_matches_eager(av_base):
+def test_compiled_decode_step_matches_eager(av_base, monkeypatch):
     """What CUDA runs by default: the step compiled by torch.compile (here with Inductor's CPU
-    backend, ~20 s) with the packed attention gives the eager step's logits."""
+    backend, ~20 s) with the packed attention and the merged, fused sampling weights gives the
+    eager step's logits, traced once."""
     from nla.decoding import Decoder, packed_gqa
+    monkeypatch.setenv("NLA_FUSED_SAMPLING", "1")  # CUDA's default
     spec = _spec(av_base)
     m = av_base.model
     dec = Decoder(m, 3, 120, "av")
     emb = m.get_input_embeddings()(V._prompt(spec, 3, "cpu"))
-    with torch.no_grad(), lora.use(m, "av"):
+    traced = []
+
+    def backend(gm, inputs):
+        traced.append(gm)
+        return gm.forward
+    with torch.no_grad(), lora.use(m, "av"), lora.inference_weights(m, "av", torch.float32):
+        assert lora._groups(m) and all(g.live for g in lora._groups(m))
         nxt = dec.prefill(emb).argmax(-1)
         eager = [dec.step(nxt).clone() for _ in range(3)]
-        dec.prefill(emb)
-        fwd = torch.compile(dec._forward, dynamic=False)
-        for ref in eager:
-            dec.tok.copy_(nxt[:, None])
-            with packed_gqa(m):
-                got = fwd(input_ids=dec.tok, position_ids=dec.pos)
-            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
-            dec.pos += 1
+        for compiler in (backend, "inductor"):
+            dec.prefill(emb)
+            fwd = torch.compile(dec._forward, dynamic=False, backend=compiler)
+            for ref in eager:
+                dec.tok.copy_(nxt[:, None])
+                with packed_gqa(m):
+                    got = fwd(input_ids=dec.tok, position_ids=dec.pos)
+                torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+                dec.pos += 1
+    assert len(traced) == 1  # no recompile from the fused projections' state
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -255,3 +268,42 @@ def test_decoding_uses_packed_gqa(av_base, monkeypatch):
     v = torch.randn(2, av_base.d_model, generator=torch.Generator().manual_seed(1))
     V.generate(av_base, spec, v, 3, 0.0)
     assert 1 in calls and av_base.model.config._attn_implementation == "sdpa"
+
+
+def test_fused_sampling_weights_one_gemm_per_input(monkeypatch):
+    """Merged sampling weights of projections that read one input (q/k/v with Qwen's biases,
+    gate/up) are rows of one buffer and run as one GEMM: 4 per block instead of 7, with the logits
+    of the adapters run beside the weights, and of the unfused merge."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.5)
+    lora.attach(model, {"av": 4})
+    with torch.no_grad():
+        for p in lora.params(model, "av"):
+            p.normal_(0, 0.1)
+    ids = torch.randint(0, 300, (3, 9), generator=torch.Generator().manual_seed(1))
+    real, calls = torch.nn.functional.linear, []
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def run(fused):
+        monkeypatch.setenv("NLA_FUSED_SAMPLING", fused)
+        calls.clear()
+        with torch.no_grad(), lora.use(model, "av"), lora.inference_weights(model, "av", torch.float32):
+            out = model(input_ids=ids).logits
+        return out, len(calls)
+    with torch.no_grad(), lora.use(model, "av"):
+        beside = model(input_ids=ids).logits
+    fused, n_fused = run("1")
+    unfused, n_unfused = run("0")
+    assert (n_fused, n_unfused) == (2 * 4 + 1, 2 * 7 + 1)  # + the LM head
+    torch.testing.assert_close(fused, beside, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fused, unfused, atol=1e-5, rtol=1e-5)
+    groups = lora._groups(model)
+    assert len(groups) == 4 and all(g.x is None and g.z is None for g in groups)  # nothing held afterwards
+    q = groups[0].members[0]
+    assert q.merged.data_ptr() == groups[0].weight.data_ptr()  # the merge is written into the group's rows
