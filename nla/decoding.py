@@ -98,8 +98,8 @@ def packed_gqa_attention(module, query, key, value, attention_mask, dropout=0.0,
     stored. Anything else goes to Hugging Face's SDPA function unchanged."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     groups = getattr(module, "num_key_value_groups", 1)
-    if (query.shape[2] != 1 or groups == 1 or attention_mask is None or attention_mask.shape[1] != 1
-            or kw.get("position_bias") is not None or kw.get("softcap") is not None):
+    if (query.shape[2] != 1 or groups == 1 or attention_mask is None or attention_mask.shape[1] != 1 or dropout
+            or any(kw.get(k) is not None for k in ("position_bias", "softcap", "s_aux"))):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kw)
     b, h, _, d = query.shape
