@@ -175,7 +175,7 @@ class _Group:
 
     def allocate(self) -> None:
         w0 = self.members[0].base.weight
-        if self.weight is not None and self.weight.dtype == w0.dtype:
+        if self.weight is not None and (self.weight.dtype, self.weight.device) == (w0.dtype, w0.device):
             return
         self.weight = torch.empty((sum(m.out_features for m in self.members), w0.shape[1]), dtype=w0.dtype,
                                   device=w0.device)
@@ -230,13 +230,13 @@ def inference_weights(model: nn.Module, role: str | None, dtype: torch.dtype):
             a = m.adapters[role]
             if merge:
                 w = m.base.weight
-                if m.merged is None or m.merged.dtype != w.dtype:
+                if m.merged is None or (m.merged.dtype, m.merged.device) != (w.dtype, w.device):
                     m.merged = torch.empty_like(w)
                 m.merged.copy_(torch.addmm(w.float(), a.B, a.A, alpha=a.scale))  # fp32 sum, one rounding
                 m.merged_role = role
                 continue
             m.merged_role = None  # a merge left from an earlier call is stale now
-            if a.fast is None or a.fast[0].dtype != dtype:
+            if a.fast is None or (a.fast[0].dtype, a.fast[0].device) != (dtype, a.A.device):
                 a.fast = (torch.empty_like(a.A, dtype=dtype), torch.empty_like(a.B, dtype=dtype))
             a.fast[0].copy_(a.A)
             a.fast[1].copy_(a.B * a.scale)
