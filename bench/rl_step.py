@@ -138,6 +138,15 @@ def main():
     }
     speeds = {}
 
+    def fallback(key) -> str:
+        """Did our loop run as asked on CUDA (a failed capture or compile falls back quietly)?"""
+        decs = list(base.model.__dict__.get("_nla_decoders", {}).values())
+        if not (cuda and key.startswith("ours") and decs):
+            return ""
+        d = decs[-1]
+        return "  [EAGER: capture failed]" if d.graph is None else (
+            "  [not compiled: compile failed]" if "compiled" in key and not d.compiled else "")
+
     def measure(keys):
         for key in keys:
             name, fn = loops[key]
@@ -149,7 +158,7 @@ def main():
             speeds[key] = toks / s
             rel = f"{speeds[key] / speeds['reference']:6.2f}x" if "reference" in speeds else "      -"
             share = f"{speeds[key] / roof:8.1%}" if roof else "        -"
-            print(f"{name:34} {s:10.3f} {toks / s:10,.0f} {rel:>7} {share:>9}", flush=True)
+            print(f"{name:34} {s:10.3f} {toks / s:10,.0f} {rel:>7} {share:>9}{fallback(key)}", flush=True)
 
     wanted = a.loops.split(",")
     measure([k for k in wanted if k != "hf"])  # HF's compile can be slow: it goes last, after the update
