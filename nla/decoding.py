@@ -42,11 +42,14 @@ MAX_DECODERS = 3  # cached (shape, role) decoders per model: RL rollouts, evals,
 
 
 def pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
-    """The next token of every row: argmax at temperature 0, else a draw from softmax(logits/T)."""
-    logits = logits.float()
-    if temperature > 0:
-        return torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator).flatten()
-    return logits.argmax(-1)
+    """The next token of every row: argmax at temperature 0, else a draw from softmax(logits/T),
+    computed in fp32 (the cast is inside the softmax, and T = 1 divides nothing: each is a pass
+    over 64 x 152k logits per token that changes no value)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    if temperature != 1:
+        logits = logits.float() / temperature
+    return torch.multinomial(torch.softmax(logits, dim=-1, dtype=torch.float32), 1, generator=generator).flatten()
 
 
 class StopDetector:
