@@ -51,6 +51,9 @@ STAGES = [
                      f"--micro 32 --loops ours-compiled --modes triton,torch --profile --profile-decode --profile-rows 30",
      r"roofline|ours|torch |triton |profile of"),
     ("memory-torch", 100, f"env NLA_KERNELS=torch {PY} bench/memory.py --steps 3", r"RL step|peak GPU|step \d"),
+    # does the nf4 decode step compile (bitsandbytes' ops are torch custom ops)? off by default
+    ("memory-compiled", 150, f"env NLA_COMPILE_DECODE=1 {PY} bench/memory.py --steps 2",
+     r"RL step|peak GPU|step \d|compil|failed"),
     ("e2e", 100, "bash -c " + shlex.quote(
         f"set -e; {PY} bench/gpu_check.py --make-random-model {RANDOM_MODEL}; D=/tmp/nla-gpu-check; "
         f"{PY} cli.py collect --model {RANDOM_MODEL} --layer 20 --max-docs 96 --per-doc 4 --out $D/acts --overwrite; "
