@@ -13,6 +13,9 @@ failure or hang does not eat the rest, and ends with a one-screen summary:
     rl-1.5b    the same on a random Qwen2.5-1.5B shape (batch 64, cap 150: the issue's targets)
     memory     bench/memory.py: a Qwen2.5-7B-shaped nf4 RL step, time and peak memory
     e2e        collect -> train --preset gpu (scaled down) -> explain -> eval on a random model
+    profile, memory-torch, memory-compiled
+               diagnoses: the decode step's and the update's kernels, the 7B step with torch
+               kernels, and with the nf4 decode step compiled
 
     python bench/gpu_check.py [--out DIR] [--only STAGE,...|all] [--dry-run]
 
