@@ -45,7 +45,7 @@ STAGES = [
     ("rl-smol", 40, f"{PY} bench/rl_step.py --shape smollm2 --acts 8 --group 8 --max-new 64 --steps 2 --loops ours,ours-adapters,reference",
      r"roofline|ours|old eager|torch |triton |failed"),
     ("rl-1.5b", 280, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 2 --rank 64 "
-                     f"--micro 32 --loops ours,ours-compiled,ours-compiled-unfused,reference,hf --profile",
+                     f"--micro 32 --loops ours,ours-compiled,ours-compiled-unfused,reference,hf --profile --profile-decode",
      r"roofline|ours|old eager|HF generate|torch |triton |failed|peak|^prof "),
     ("memory", 110, f"{PY} bench/memory.py --steps 2", r"RL step|peak GPU|step \d"),
     # diagnosis, on request: the compiled decode step's kernels, and the update per kernel mode
