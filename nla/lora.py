@@ -79,10 +79,10 @@ class LoRALinear(nn.Module):
         sw = self.switch
         if sw.fast and self.merged is not None and self.merged_role == sw.active and self.merged.dtype == x.dtype:
             g = self.group
-            if g is None or not g.live:
-                return nn.functional.linear(x, self.merged, self.base.bias)
-            if g.x is not x:  # the first sibling to see this input computes them all
+            if g is not None and g.live and g.members[0] is self:  # the first sibling computes them all
                 g.x, g.z, g.left = x, nn.functional.linear(x, g.weight, g.bias), len(g.members)
+            if g is None or not g.live or g.x is not x:  # (another input, or another call order: alone)
+                return nn.functional.linear(x, self.merged, self.base.bias)
             out, g.left = g.z[..., self.span[0]:self.span[1]], g.left - 1
             if g.left == 0:  # every sibling served: hold nothing (and a compiled step sees the same
                 g.x = g.z = None  # state on every call, so it is traced once)

@@ -307,3 +307,17 @@ def test_fused_sampling_weights_one_gemm_per_input(monkeypatch):
     assert len(groups) == 4 and all(g.x is None and g.z is None for g in groups)  # nothing held afterwards
     q = groups[0].members[0]
     assert q.merged.data_ptr() == groups[0].weight.data_ptr()  # the merge is written into the group's rows
+    # another call order, or siblings given other inputs: each still gets its own product, and
+    # the whole group's GEMM runs at most once (not once per sibling)
+    attn = model.model.layers[0].self_attn
+    calls_w = []
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a, **k: calls_w.append(a[1].shape[0]) or real(*a, **k))
+    order = (("k_proj", torch.randn(2, 5, 48)), ("q_proj", torch.randn(2, 5, 48)), ("v_proj", torch.randn(2, 5, 48)))
+    monkeypatch.setenv("NLA_FUSED_SAMPLING", "1")
+    with torch.no_grad(), lora.use(model, "av"), lora.inference_weights(model, "av", torch.float32):
+        want = {n: real(xx, getattr(attn, n).merged, getattr(attn, n).base.bias) for n, xx in order}
+        calls_w.clear()
+        got = {n: getattr(attn, n)(xx) for n, xx in order}
+    for n in want:
+        torch.testing.assert_close(got[n], want[n])
+    assert calls_w.count(groups[0].weight.shape[0]) <= 1
