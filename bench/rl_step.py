@@ -85,6 +85,8 @@ def main():
                     help="profile one rollout of the fastest of our loops: the decode step's kernels")
     ap.add_argument("--modes", default="torch,triton", help="kernel modes of the update, in the order they alternate")
     a = ap.parse_args()
+    if not set(a.modes.split(",")) <= {"torch", "triton"}:
+        ap.error(f"--modes takes torch and/or triton, got {a.modes!r}")
     if a.shape:
         base = random_base(a.shape, "cuda" if torch.cuda.is_available() else "cpu",
                            torch.bfloat16 if torch.cuda.is_available() else torch.float32, a.nf4)
@@ -187,7 +189,7 @@ def main():
         print(f"{mode:8} {g:10.3f} {u:9.3f} {ar:7.3f} {gr:7.3f} {g + u:8.3f}", flush=True)
     os.environ.pop("NLA_KERNELS", None)
     if a.profile:
-        profile_update(base, spec, head, vecs, opt_av, opt_ar, a, dev)
+        profile_update(base, spec, head, vecs, opt_av, opt_ar, a, dev, modes)
     if "hf" in wanted:
         print()
         measure(["hf"])
@@ -200,13 +202,13 @@ def main():
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
 
 
-def profile_update(base, spec, head, vecs, opt_av, opt_ar, a, dev):
+def profile_update(base, spec, head, vecs, opt_av, opt_ar, a, dev, modes):
     """One update per kernel mode under torch.profiler (samples drawn outside it): the ops that
     take its time."""
     samples = generate(base, spec, vecs, a.max_new, 1.0, generator=torch.Generator(device=dev).manual_seed(99))
     for s in samples:
         s.ok = True
-    for mode in (a.modes.split(",") if dev.type == "cuda" else ["torch"]):
+    for mode in modes:
         os.environ["NLA_KERNELS"] = mode
         m = {}
         profile_ops(f"one update, {mode} kernels", lambda: m.update(
@@ -228,7 +230,8 @@ def profile_ops(what, fn, dev, rows, extra=lambda: ""):
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     ev = prof.key_averages()
     total = sum(getattr(e, key) for e in ev) or 1.0
-    print(f"\nprofile of {what}{' (' + extra() + ')' if extra() else ''}, top ops by self "
+    note = extra()
+    print(f"\nprofile of {what}{' (' + note + ')' if note else ''}, top ops by self "
           f"{'device' if cuda else 'CPU'} time (total {total / 1e6:.3f} s):", flush=True)
     print(f"{'op':60} {'ms':>9} {'share':>6} {'calls':>6}")
     for e in sorted(ev, key=lambda e: getattr(e, key), reverse=True)[:rows]:

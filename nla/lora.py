@@ -84,8 +84,8 @@ class LoRALinear(nn.Module):
             if g is None or not g.live or g.x is not x:  # (another input, or another call order: alone)
                 return nn.functional.linear(x, self.merged, self.base.bias)
             out, g.left = g.z[..., self.span[0]:self.span[1]], g.left - 1
-            if g.left == 0:  # every sibling served: hold nothing (and a compiled step sees the same
-                g.x = g.z = None  # state on every call, so it is traced once)
+            if g.left == 0:  # every sibling served: hold nothing between steps (nor make the input
+                g.x = g.z = None  # and product extra outputs of a compiled step)
             return out
         y = self.base(x)
         a = self.adapters[sw.active] if sw.active in self.adapters else None
