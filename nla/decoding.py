@@ -39,6 +39,8 @@ from collections import OrderedDict
 
 import torch
 
+from .shared_prefix import SharedPrefix
+
 MAX_DECODERS = 3  # cached (shape, role) decoders per model: RL rollouts, evals, explain
 
 
@@ -195,11 +197,20 @@ class Decoder:
     def _forward(self, **kw) -> torch.Tensor:
         return self.model(**kw, **{self.kw: self.cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
 
-    def prefill(self, emb: torch.Tensor) -> torch.Tensor:
+    def prefill(self, emb: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Logits after the prompts: emb [u, P, d] holds the distinct ones, and row i of the
+        cache starts with prompt index[i]. Each distinct prompt runs once (a GRPO group's G rows
+        share one; on a CPU the prompt forward is ~30% of a rollout), and its keys and values are
+        written to its rows through the cache's own update."""
         self.cache.reset()
         P = emb.shape[1]
         self.pos.fill_(P)
-        return self._forward(inputs_embeds=emb, position_ids=torch.arange(P, device=self.device)[None])
+        shared = SharedPrefix(self.model, index)
+        logits = shared.prefix(self.model, inputs_embeds=emb, position_ids=torch.arange(P, device=self.device)[None],
+                               logits_to_keep=1).logits[:, -1]
+        for i, (k, v) in sorted(shared.kv.items()):
+            self.cache.update(k.index_select(0, index), v.index_select(0, index), i)
+        return logits.index_select(0, index)
 
     def step(self, nxt: torch.Tensor) -> torch.Tensor:
         """Logits after appending token `nxt` [n] to every row."""

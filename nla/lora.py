@@ -253,22 +253,25 @@ def inference_weights(model: nn.Module, role: str | None, dtype: torch.dtype):
 
 def _replaying(model: nn.Module):
     """context_fn for non-reentrant torch.utils.checkpoint: (forward ctx, recompute ctx). The
-    forward one records the switch; the recompute one puts that back for the replay only."""
-    sw, snap = switch_of(model), []
+    forward one records the switch and the attention implementation's name (shared_prefix swaps
+    it for two forwards); the recompute one puts them back for the replay only."""
+    sw, cfg, snap = switch_of(model), model.config, []
 
     @contextlib.contextmanager
     def forward():
-        snap.append(sw.snapshot())
+        snap.append((sw.snapshot(), cfg._attn_implementation))
         yield
 
     @contextlib.contextmanager
     def recompute():
-        prev = sw.snapshot()
-        sw.restore(snap[0])
+        prev = (sw.snapshot(), cfg._attn_implementation)
+        sw.restore(snap[0][0])
+        cfg._attn_implementation = snap[0][1]
         try:
             yield
         finally:
-            sw.restore(prev)
+            sw.restore(prev[0])
+            cfg._attn_implementation = prev[1]
     return forward(), recompute()
 
 

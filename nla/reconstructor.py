@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from . import lora
-from .models import residual
+from .models import early_exit
+from .shared_prefix import SharedPrefix
 from .spec import NLASpec
 
 MAX_EXPLANATION_TOKENS = 192
@@ -24,22 +25,23 @@ class ARHead(nn.Linear):
             self.weight.copy_(torch.eye(d))
 
 
-def ar_inputs(tok, spec: NLASpec, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows = [spec.ar_prefix_ids + tok.encode(t, add_special_tokens=False)[:MAX_EXPLANATION_TOKENS] + spec.ar_suffix_ids
-            for t in texts]
-    T = max(map(len, rows))
-    ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
+def ar_inputs(tok, spec: NLASpec, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows after the template's prefix, right-padded [N, T], and each row's length."""
+    rows = [tok.encode(t, add_special_tokens=False)[:MAX_EXPLANATION_TOKENS] + spec.ar_suffix_ids for t in texts]
+    ids = torch.full((len(rows), max(1, max(map(len, rows)))), tok.pad_token_id, dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
-    return ids.to(device), mask.to(device), torch.tensor([len(r) - 1 for r in rows], device=device)
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return ids.to(device), torch.tensor([len(r) for r in rows], device=device)
 
 
 def reconstruct(base, spec: NLASpec, head: ARHead, texts: list[str], role: str = "ar") -> torch.Tensor:
-    """[N, d] fp32 reconstructions; differentiable when grad is enabled."""
-    ids, mask, last = ar_inputs(base.tokenizer, spec, texts, base.device)
-    with lora.use(base.model, role):
-        h = residual(base.model, spec.layer, ids, mask)
-    h_last = h[torch.arange(len(texts), device=h.device), last].float()
+    """[N, d] fp32 reconstructions; differentiable when grad is enabled. The template's prefix is
+    the same for every row, so it runs once (nla/shared_prefix.py)."""
+    ids, lens = ar_inputs(base.tokenizer, spec, texts, base.device)
+    n = len(texts)
+    shared = SharedPrefix(base.model, torch.zeros(n, dtype=torch.long, device=base.device))
+    with lora.use(base.model, role), early_exit(base.model, spec.layer) as inner:
+        first = shared.prefix(inner, input_ids=torch.tensor([spec.ar_prefix_ids], device=base.device))
+        h = torch.cat([first.last_hidden_state[:, -1:].expand(n, -1, -1), shared.continuation(inner, ids).last_hidden_state], 1)
+    h_last = h[torch.arange(n, device=h.device), lens].float()  # the template's last token
     return head(h_last.to(head.weight.dtype))

@@ -21,6 +21,7 @@ from . import lora
 from .decoding import Decoder, StopDetector, pick
 from .inject import injected
 from .models import decoder_of
+from .shared_prefix import SharedPrefix, distinct_rows
 from .spec import CLOSE, NLASpec
 
 CHECK_EVERY = 8  # decode steps between host syncs asking "has every row stopped?"
@@ -58,8 +59,9 @@ def generate(base, spec: NLASpec, vectors: torch.Tensor, max_new: int = 64, temp
     try:
         dec = Decoder.of(model, n, P + max_new, role)
         with lora.use(model, role), lora.inference_weights(model, role, dec.dtype):
-            with injected(model, ids, vectors, spec) as emb:
-                logits = dec.prefill(emb)
+            uniq, index = distinct_rows(vectors.to(base.device))
+            with injected(model, ids[:len(uniq)], uniq, spec) as emb:
+                logits = dec.prefill(emb, index)
             for step in range(max_new):
                 out[:, step] = nxt = pick(logits, temperature, generator)
                 if step + 1 == max_new or ((step + 1) % CHECK_EVERY == 0 and stops.all_stopped(out[:, :step + 1])):
@@ -147,21 +149,24 @@ def target_ids(tok, text: str, max_len: int | None = None) -> list[int]:
 
 def response_logprobs(base, spec: NLASpec, vectors: torch.Tensor, responses: list[list[int]],
                       role: str = "av") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-prob [N, R] of each response under adapter `role`, and the mask [N, R]."""
+    """Per-token log-prob [N, R] of each response under adapter `role`, and the mask [N, R].
+    Rows with the same vector (a GRPO group) run their prompt once (nla/shared_prefix.py)."""
     model, tok = base.model, base.tokenizer
     n, dev = len(responses), base.device
     R = max(1, max(len(r) for r in responses))
-    P = len(spec.av_prompt_ids)
     resp = torch.full((n, R), tok.pad_token_id, dtype=torch.long, device=dev)
     mask = torch.zeros((n, R), dtype=torch.bool, device=dev)
     for i, r in enumerate(responses):
         resp[i, :len(r)] = torch.tensor(r, device=dev)
         mask[i, :len(r)] = True
-    ids = torch.cat([_prompt(spec, n, dev), resp], 1)
-    attn = torch.cat([torch.ones((n, P), dtype=torch.long, device=dev), mask.long()], 1)
-    with lora.use(model, role), injected(model, ids, vectors, spec) as emb:
-        hidden = decoder_of(model)(inputs_embeds=emb, attention_mask=attn, use_cache=False).last_hidden_state
-    h = hidden[:, P - 1:P - 1 + R]  # position t predicts token t+1
+    uniq, index = distinct_rows(vectors.to(dev))
+    shared = SharedPrefix(model, index)
+    with lora.use(model, role):
+        with injected(model, _prompt(spec, len(uniq), dev), uniq, spec) as emb:
+            last = shared.prefix(decoder_of(model), inputs_embeds=emb).last_hidden_state[:, -1:]
+        h = last.index_select(0, index)  # predicts token 0; token t predicts t + 1
+        if R > 1:
+            h = torch.cat([h, shared.continuation(decoder_of(model), resp[:, :-1]).last_hidden_state], 1)
     head = model.get_output_embeddings().weight
     lp = kernels.token_logprobs(h.reshape(n * R, -1), head, resp.reshape(-1)).view(n, R)
     return lp, mask

@@ -1,0 +1,118 @@
+"""Rows that share a prefix run it once (nla/shared_prefix.py), and nothing else changes: the
+AV's log-probs and the AR's reconstructions, and their gradients, equal a plain forward of every
+whole row, with and without gradient checkpointing, in both injection modes."""
+import pytest
+import torch
+
+from nla import lora
+from nla.inject import injected
+from nla.models import decoder_of, load_base, residual
+from nla.reconstructor import ARHead, reconstruct
+from nla.spec import build_spec
+from nla.verbalizer import generate, response_logprobs
+
+META = {"injection_scale": 3.0, "mse_mean": {"train": 1.5}}
+TEXTS = ["alpha beta", "gamma delta epsilon zeta", "", "one two three four five six", "cats"]
+
+
+def _setup(path, checkpointing, mode="replace"):
+    base = load_base(path, device="cpu")
+    lora.attach(base.model, {"av": 4, "ar": 4})
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # non-zero B: the adapters change every block's keys and values
+        for p in lora.params(base.model, "av") + lora.params(base.model, "ar"):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    if checkpointing:
+        lora.enable_checkpointing(base.model)
+    base.model.train()
+    return base, build_spec(base, 2, META, mode, 4, 4)
+
+
+def _plain_logprobs(base, spec, vectors, responses):
+    """Every row whole: prompt + response, right-padded, one forward."""
+    model, n = base.model, len(responses)
+    P, R = len(spec.av_prompt_ids), max(map(len, responses))
+    ids = torch.full((n, P + R), base.tokenizer.pad_token_id)
+    att = torch.zeros((n, P + R), dtype=torch.long)
+    for i, r in enumerate(responses):
+        ids[i, :P + len(r)] = torch.tensor(spec.av_prompt_ids + r)
+        att[i, :P + len(r)] = 1
+    with lora.use(model, "av"), injected(model, ids, vectors, spec) as emb:
+        logits = model(inputs_embeds=emb, attention_mask=att).logits[:, P - 1:-1].float()
+    return torch.log_softmax(logits, -1).gather(2, ids[:, P:, None]).squeeze(2)
+
+
+def _grads(params):
+    out = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]  # blocks past L: none
+    for p in params:
+        p.grad = None
+    return out
+
+
+@pytest.mark.parametrize("checkpointing,mode", [(False, "replace"), (True, "replace"), (True, "add")])
+def test_av_logprobs_and_grads_equal_a_plain_forward(tiny_path, checkpointing, mode):
+    base, spec = _setup(tiny_path, checkpointing, mode)
+    g = torch.Generator().manual_seed(2)
+    vectors = torch.randn(3, base.d_model, generator=g)[torch.tensor([0, 0, 0, 1, 2, 2, 1])]  # groups, unsorted
+    responses = [torch.randint(200, 2000, (k,), generator=g).tolist() for k in (5, 1, 7, 3, 7, 2, 4)]
+    weights = torch.randn(len(responses), 7, generator=g)  # a different weight on every token's gradient
+    params = lora.params(base.model, "av")
+
+    lp, mask = response_logprobs(base, spec, vectors, responses, "av")
+    ((lp * weights[:, :lp.shape[1]]) * mask).sum().backward()
+    got = _grads(params)
+    ref = _plain_logprobs(base, spec, vectors, responses)
+    ((ref * weights[:, :ref.shape[1]]) * mask).sum().backward()
+    want = _grads(params)
+
+    torch.testing.assert_close(lp[mask], ref[mask], rtol=1e-5, atol=1e-5)
+    assert any(float(w.abs().max()) > 0 for w in want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_ar_reconstructions_and_grads_equal_a_plain_forward(tiny_path, checkpointing):
+    base, spec = _setup(tiny_path, checkpointing)
+    head = ARHead(base.d_model)
+    params = lora.params(base.model, "ar") + list(head.parameters())
+    target = torch.randn(len(TEXTS), base.d_model, generator=torch.Generator().manual_seed(3))
+
+    pred = reconstruct(base, spec, head, TEXTS)
+    (pred - target).square().sum().backward()
+    got = _grads(params)
+
+    tok = base.tokenizer
+    rows = [spec.ar_prefix_ids + tok.encode(t, add_special_tokens=False) + spec.ar_suffix_ids for t in TEXTS]
+    T = max(map(len, rows))
+    ids = torch.tensor([r + [tok.pad_token_id] * (T - len(r)) for r in rows])
+    att = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
+    with lora.use(base.model, "ar"):
+        h = residual(base.model, spec.layer, ids, att)
+    ref = head(h[torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])].float())
+    (ref - target).square().sum().backward()
+    want = _grads(params)
+
+    torch.testing.assert_close(pred, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_each_distinct_prompt_runs_once(tiny_path):
+    """The first block sees one prompt per distinct vector, then every row's response (GRPO's
+    log-probs) or token (a rollout's decode steps): never a prompt per row."""
+    base, spec = _setup(tiny_path, False)
+    seen = []
+    hook = decoder_of(base.model).layers[0].register_forward_hook(lambda m, a, o: seen.append(tuple(a[0].shape[:2])))
+    vectors = torch.randn(2, base.d_model).repeat_interleave(4, 0)
+    P = len(spec.av_prompt_ids)
+    with torch.no_grad():
+        response_logprobs(base, spec, vectors, [[300, 301, 302]] * 8, "av")
+        assert seen == [(2, P), (8, 2)]
+        seen.clear()
+        generate(base, spec, vectors, 3, 1.0, generator=torch.Generator().manual_seed(0))
+        assert seen == [(2, P), (8, 1), (8, 1)]
+        seen.clear()
+        lp, _ = response_logprobs(base, spec, vectors, [[300]] * 8, "av")  # one token each: the prompt only
+        assert seen == [(2, P)] and lp.shape == (8, 1)
+    hook.remove()
