@@ -39,7 +39,8 @@ RANDOM_MODEL = "/tmp/nla-gpu-check/random-smollm2"
 
 # (name, cap in seconds, command, what to quote in the summary)
 STAGES = [
-    ("parity", 55, f"{PY} -m pytest -q -p no:cacheprovider -m 'gpu or not slow' tests/test_kernels.py tests/test_decoding.py",
+    ("parity", 70, f"{PY} -m pytest -q -p no:cacheprovider -m 'gpu or not slow' tests/test_kernels.py tests/test_decoding.py "
+                   f"tests/test_shared_prefix.py",
      r"passed|failed|error"),
     ("kernels", 45, f"{PY} bench/kernels.py --quick", r"target|MISSED|met|speed-up|x$"),
     ("rl-smol", 40, f"{PY} bench/rl_step.py --shape smollm2 --acts 8 --group 8 --max-new 64 --steps 2 --loops ours,ours-adapters,reference",

@@ -15,13 +15,13 @@ META = {"injection_scale": 3.0, "mse_mean": {"train": 1.5}}
 TEXTS = ["alpha beta", "gamma delta epsilon zeta", "", "one two three four five six", "cats"]
 
 
-def _setup(path, checkpointing, mode="replace"):
-    base = load_base(path, device="cpu")
+def _setup(path, checkpointing, mode="replace", device="cpu"):
+    base = load_base(path, device=device, dtype=torch.float32)
     lora.attach(base.model, {"av": 4, "ar": 4})
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # non-zero B: the adapters change every block's keys and values
         for p in lora.params(base.model, "av") + lora.params(base.model, "ar"):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            p.copy_(torch.randn(p.shape, generator=g).to(p.device) * 0.05)
     if checkpointing:
         lora.enable_checkpointing(base.model)
     base.model.train()
@@ -37,6 +37,7 @@ def _plain_logprobs(base, spec, vectors, responses):
     for i, r in enumerate(responses):
         ids[i, :P + len(r)] = torch.tensor(spec.av_prompt_ids + r)
         att[i, :P + len(r)] = 1
+    ids, att = ids.to(base.device), att.to(base.device)
     with lora.use(model, "av"), injected(model, ids, vectors, spec) as emb:
         logits = model(inputs_embeds=emb, attention_mask=att).logits[:, P - 1:-1].float()
     return torch.log_softmax(logits, -1).gather(2, ids[:, P:, None]).squeeze(2)
@@ -49,13 +50,17 @@ def _grads(params):
     return out
 
 
-@pytest.mark.parametrize("checkpointing,mode", [(False, "replace"), (True, "replace"), (True, "add")])
-def test_av_logprobs_and_grads_equal_a_plain_forward(tiny_path, checkpointing, mode):
-    base, spec = _setup(tiny_path, checkpointing, mode)
+CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("checkpointing,mode,device", [(False, "replace", "cpu"), (True, "replace", "cpu"),
+                                                       (True, "add", "cpu"), pytest.param(True, "replace", "cuda", marks=CUDA)])
+def test_av_logprobs_and_grads_equal_a_plain_forward(tiny_path, checkpointing, mode, device):
+    base, spec = _setup(tiny_path, checkpointing, mode, device)
     g = torch.Generator().manual_seed(2)
-    vectors = torch.randn(3, base.d_model, generator=g)[torch.tensor([0, 0, 0, 1, 2, 2, 1])]  # groups, unsorted
+    vectors = torch.randn(3, base.d_model, generator=g)[torch.tensor([0, 0, 0, 1, 2, 2, 1])].to(device)  # groups, unsorted
     responses = [torch.randint(200, 2000, (k,), generator=g).tolist() for k in (5, 1, 7, 3, 7, 2, 4)]
-    weights = torch.randn(len(responses), 7, generator=g)  # a different weight on every token's gradient
+    weights = torch.randn(len(responses), 7, generator=g).to(device)  # a different weight on every token's gradient
     params = lora.params(base.model, "av")
 
     lp, mask = response_logprobs(base, spec, vectors, responses, "av")
