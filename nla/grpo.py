@@ -29,9 +29,12 @@ def rl_step(base, spec, head, vectors, opt_av, opt_ar, G: int, max_new: int, tem
     return update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps, t0, micro)
 
 
-def _chunks(n: int, micro: int) -> list[slice]:
-    """Row chunks for gradient accumulation: same update, bounded activation memory."""
+def _chunks(n: int, micro: int, G: int = 1) -> list[slice]:
+    """Row chunks for gradient accumulation: same update, bounded activation memory. Whole groups
+    of G where micro allows, so that a group's rows run their shared prompt once, not per chunk."""
     step = micro if micro > 0 else max(n, 1)
+    if G > 1 and step >= G:
+        step -= step % G
     return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 
@@ -71,7 +74,7 @@ def update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps
     n_tok = dist.sum_(torch.tensor(float(sum(len(s.ids) for s in samples))))
     opt_av.zero_grad(set_to_none=True)
     kl_sum = 0.0
-    for c in _chunks(len(samples), micro):
+    for c in _chunks(len(samples), micro, G):
         ids = [s.ids for s in samples[c]]
         lp, mask = response_logprobs(base, spec, vecs[c], ids, "av")
         with torch.no_grad():

@@ -231,6 +231,14 @@ def test_micro_batches_give_the_same_update(tiny_path):
         assert m["kl"] == pytest.approx(results[0][2]["kl"], abs=1e-6)
 
 
+def test_micro_batches_hold_whole_groups():
+    """A group's rows share one prompt forward only within a chunk: chunks are whole groups when
+    the micro-batch allows it, never larger than asked."""
+    from nla.grpo import _chunks
+    assert [(c.start, c.stop) for c in _chunks(64, 20, 8)] == [(i, i + 16) for i in range(0, 64, 16)]
+    assert [(c.start, c.stop) for c in _chunks(10, 4, 8)] == [(0, 4), (4, 8), (8, 10)]  # groups bigger than micro
+    assert [(c.start, c.stop) for c in _chunks(6, 0, 2)] == [(0, 6)]
+
 
 
 @pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
