@@ -11,7 +11,8 @@ failure or hang does not eat the rest, and ends with a one-screen summary:
     kernels    bench/kernels.py: speed-ups, bandwidth, log-prob targets
     rl-smol    bench/rl_step.py on a random SmolLM2-shaped model: our loop / old loop / HF generate, roofline
     rl-1.5b    the same on a random Qwen2.5-1.5B shape (batch 64, cap 150: the issue's targets)
-    memory     bench/memory.py: a Qwen2.5-7B-shaped nf4 RL step, time and peak memory
+    memory     bench/memory.py: a Qwen2.5-7B-shaped nf4 RL step, time and peak memory, with gradient
+               checkpointing and without
     e2e        collect -> train --preset gpu (scaled down) -> explain -> eval on a random model
     profile, memory-torch, memory-compiled
                diagnoses: the decode step's and the update's kernels, the 7B step with torch
@@ -48,7 +49,8 @@ STAGES = [
     ("rl-1.5b", 280, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 2 --rank 64 "
                      f"--micro 32 --loops ours,ours-compiled,ours-compiled-unfused,reference,hf --profile --profile-decode",
      r"roofline|ours|old eager|HF generate|torch |triton |failed|peak|^prof "),
-    ("memory", 110, f"{PY} bench/memory.py --steps 2", r"RL step|peak GPU|step \d"),
+    # the 7B step with checkpointing (micro 16), and without it (one group of 8 rows per micro-batch)
+    ("memory", 140, f"{PY} bench/memory.py --steps 2 --plans ckpt:16,full:8", r"RL step|peak GPU|step \d|out of"),
     # diagnosis, on request: the compiled decode step's kernels, and the update per kernel mode
     # with the modes' order reversed (is the Triton mode's slower AR phase kernels or warm-up?)
     ("profile", 170, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 3 --rank 64 "

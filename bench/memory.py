@@ -8,8 +8,13 @@ every one marked closed so the AR step reads all of them, the AR step and the GR
 gradient checkpointing and micro-batches. Targets: peak <= 20 GB (a 24 GB card fits) and a
 whole step <= 4 s on one H100/H200. The reference trains this size on 16 x 80 GB GPUs.
 
-    python bench/memory.py [--acts 8] [--group 8] [--max-new 150] [--micro 16] [--shape qwen2.5-7b] [--no-nf4]
+    python bench/memory.py [--acts 8] [--group 8] [--max-new 150] [--plans ckpt:16,full:8] [--shape qwen2.5-7b] [--no-nf4]
 (the tokenizer: NLA_TOKENIZER, else the embedded SmolLM2's cache)
+
+--plans runs each way of fitting the update in one process, on the same model: `ckpt:M`
+recomputes every block in backward (gradient checkpointing) with micro-batches of M rows, `full:M`
+stores the activations of M rows (one forward fewer per backward, if they fit in memory). Each
+plan's peak is measured from its own start.
 """
 import os
 import sys
@@ -34,37 +39,54 @@ def main():
     ap.add_argument("--acts", type=int, default=8)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--max-new", type=int, default=150)
-    ap.add_argument("--micro", type=int, default=16)
+    ap.add_argument("--plans", default="ckpt:16", help="comma-separated ckpt:M or full:M (see above)")
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--steps", type=int, default=3)
     a = ap.parse_args()
     base = random_base(a.shape, "cuda", torch.bfloat16, nf4=not a.no_nf4)
     weights_gb = torch.cuda.memory_allocated() / 1e9
     spec, head, opt_av, opt_ar = nla_on(base, SHAPES[a.shape][2], rank=a.rank, scale=150.0)
-    lora.enable_checkpointing(base.model)
-    torch.cuda.reset_peak_memory_stats()
     vecs = torch.randn(a.acts, base.d_model, device="cuda").repeat_interleave(a.group, 0)
-    times = []
-    for step in range(a.steps):
-        g = torch.Generator(device="cuda").manual_seed(step)
-        with Timer(base.device) as tr:
-            samples = generate(base, spec, vecs, a.max_new, 1.0, generator=g)
-        for s in samples:
-            s.ok = True  # the worst case: the AR reads every explanation
-        with Timer(base.device) as tu:
-            m = update(base, spec, head, vecs, samples, opt_av, opt_ar, a.group, 0.01, 0.2, micro=a.micro)
-        n_tok = sum(len(s.ids) for s in samples)
-        times.append((tr.s, tu.s))
-        print(f"step {step}: {tr.s + tu.s:.2f}s (rollout {tr.s:.2f}s = {n_tok / tr.s:,.0f} tok/s, AR {m['ar_time']:.2f}s, "
-              f"GRPO {m['grpo_time']:.2f}s), {n_tok} explanation tokens, peak "
-              f"{torch.cuda.max_memory_allocated() / 1e9:.2f} GB", flush=True)
-    peak = torch.cuda.max_memory_allocated() / 1e9
-    best = min(r + u for r, u in times[1:] or times)  # the first step captures the decode graph
+    results = []
+    for plan in a.plans.split(","):
+        kind, _, micro = plan.partition(":")
+        if kind not in ("ckpt", "full") or not micro.isdigit() or int(micro) < 1:
+            sys.exit(f"bad plan {plan!r}: expected ckpt:M or full:M with M >= 1 rows")
+        micro = int(micro)
+        if kind == "ckpt":
+            lora.enable_checkpointing(base.model)
+        else:
+            lora.disable_checkpointing(base.model)
+            base.model.train()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for step in range(a.steps):
+            g = torch.Generator(device="cuda").manual_seed(step)
+            with Timer(base.device) as tr:
+                samples = generate(base, spec, vecs, a.max_new, 1.0, generator=g)
+            for s in samples:
+                s.ok = True  # the worst case: the AR reads every explanation
+            try:
+                with Timer(base.device) as tu:
+                    m = update(base, spec, head, vecs, samples, opt_av, opt_ar, a.group, 0.01, 0.2, micro=micro)
+            except torch.cuda.OutOfMemoryError:
+                print(f"[{plan}] step {step}: out of GPU memory", flush=True)
+                opt_av.zero_grad(set_to_none=True)
+                opt_ar.zero_grad(set_to_none=True)
+                break
+            n_tok = sum(len(s.ids) for s in samples)
+            times.append((tr.s, tu.s))
+            print(f"[{plan}] step {step}: {tr.s + tu.s:.2f}s (rollout {tr.s:.2f}s = {n_tok / tr.s:,.0f} tok/s, AR "
+                  f"{m['ar_time']:.2f}s, GRPO {m['grpo_time']:.2f}s), {n_tok} explanation tokens, peak "
+                  f"{torch.cuda.max_memory_allocated() / 1e9:.2f} GB", flush=True)
+        if times:  # the first step of the first plan captures the decode graph
+            results.append((plan, min(r + u for r, u in times[1:] or times), torch.cuda.max_memory_allocated() / 1e9))
     print(f"{base.name}: base weights {weights_gb:.2f} GB; adapters rank {a.rank} x 3 roles; "
-          f"{a.acts} acts x G={a.group} x {a.max_new} tokens, micro-batch {a.micro}, gradient checkpointing")
-    print(f"RL step {best:.2f} s after warm-up (target <= 4 s: {'OK' if best <= 4 else 'OVER'}); peak GPU memory "
-          f"{peak:.2f} GB (target <= 20 GB: {'OK' if peak <= 20 else 'OVER'}); reserved "
-          f"{torch.cuda.max_memory_reserved() / 1e9:.2f} GB")
+          f"{a.acts} acts x G={a.group} x {a.max_new} tokens")
+    for plan, best, peak in results:
+        print(f"[{plan}] RL step {best:.2f} s after warm-up (target <= 4 s: {'OK' if best <= 4 else 'OVER'}); peak GPU "
+              f"memory {peak:.2f} GB (target <= 20 GB: {'OK' if peak <= 20 else 'OVER'})")
 
 
 if __name__ == "__main__":

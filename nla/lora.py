@@ -287,6 +287,14 @@ def enable_checkpointing(model: nn.Module) -> None:
     model.train()
 
 
+def disable_checkpointing(model: nn.Module) -> None:
+    """Back to storing every block's activations (faster by one forward per backward, when they fit)."""
+    if hasattr(model, "activation_checkpointing_disable"):  # transformers >= 5.2x
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def params(model: nn.Module, role: str) -> list[nn.Parameter]:
     return [p for _, m in _wrapped(model) for p in m.adapters[role].parameters()]
 

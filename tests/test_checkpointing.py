@@ -107,3 +107,25 @@ def test_checkpointing_with_4bit_base(tiny_path):
     ar1, av1 = _ar_and_av_grads(tiny_path, True, "replace", quant=True)
     for a, b in zip(ar0 + av0, ar1 + av1):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_checkpointing_can_be_turned_off_again(tiny_path):
+    """bench/memory.py compares plans on one model: after disable, blocks run once (nothing is
+    recomputed in backward)."""
+    from nla.models import decoder_of
+    base, spec, head = _setup(tiny_path, True, "replace")
+    layers = decoder_of(base.model).layers
+    resp = [target_ids(base.tokenizer, t) for t in TEXTS]
+    vecs = torch.randn(len(TEXTS), base.d_model)
+
+    def attention_calls_in_backward():
+        calls = []
+        hook = layers[0].self_attn.register_forward_pre_hook(lambda m, a: calls.append(1))
+        lp, mask = response_logprobs(base, spec, vecs, resp, "av")
+        n = len(calls)
+        (lp * mask).sum().backward()
+        hook.remove()
+        return len(calls) - n
+    assert attention_calls_in_backward() > 0  # checkpointing: the block runs again
+    lora.disable_checkpointing(base.model)
+    assert attention_calls_in_backward() == 0
