@@ -13,6 +13,7 @@ failure or hang does not eat the rest, and ends with a one-screen summary:
     rl-1.5b    the same on a random Qwen2.5-1.5B shape (batch 64, cap 150: the issue's targets)
     memory     bench/memory.py: a Qwen2.5-7B-shaped nf4 RL step, time and peak memory, with gradient
                checkpointing and without
+    nf4        bench/kernels.py --only nf4: the 4-bit decode matmul against bitsandbytes
     e2e        collect -> train --preset gpu (scaled down) -> explain -> eval on a random model
     profile, memory-torch, memory-compiled
                diagnoses: the decode step's and the update's kernels, the 7B step with torch
@@ -20,7 +21,7 @@ failure or hang does not eat the rest, and ends with a one-screen summary:
 
     python bench/gpu_check.py [--out DIR] [--only STAGE,...|all] [--dry-run]
 
-By default it runs what is not yet settled on a GPU (DEFAULT below, <= ~7 minutes, so a rerun
+By default it runs what is not yet settled on a GPU (DEFAULT below, <= 8 minutes, so a rerun
 still fits the session); `--only all` runs every stage (~10 minutes: more than one call allows).
 Carry: `.whl` (wheels: bitsandbytes, pytest and its deps) and `.gpu/tokenizer` (the SmolLM2
 tokenizer files); see the README's GPU section for the exact `run` call.
@@ -40,17 +41,18 @@ RANDOM_MODEL = "/tmp/nla-gpu-check/random-smollm2"
 
 # (name, cap in seconds, command, what to quote in the summary)
 STAGES = [
-    ("parity", 70, f"{PY} -m pytest -q -p no:cacheprovider -m 'gpu or not slow' tests/test_kernels.py tests/test_decoding.py "
+    ("parity", 65, f"{PY} -m pytest -q -p no:cacheprovider -m 'gpu or not slow' tests/test_kernels.py tests/test_decoding.py "
                    f"tests/test_shared_prefix.py",
      r"passed|failed|error"),
     ("kernels", 45, f"{PY} bench/kernels.py --quick", r"target|MISSED|met|speed-up|x$"),
     ("rl-smol", 40, f"{PY} bench/rl_step.py --shape smollm2 --acts 8 --group 8 --max-new 64 --steps 2 --loops ours,ours-adapters,reference",
      r"roofline|ours|old eager|torch |triton |failed"),
-    ("rl-1.5b", 280, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 2 --rank 64 "
-                     f"--micro 32 --loops ours,ours-compiled,ours-compiled-unfused,reference,hf --profile --profile-decode",
+    ("rl-1.5b", 250, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 2 --rank 64 "
+                     f"--micro 32 --loops ours,ours-compiled,ours-compiled-unfused,reference,hf --profile-decode",
      r"roofline|ours|old eager|HF generate|torch |triton |failed|peak|^prof "),
     # the 7B step with checkpointing (micro 16), and without it (one group of 8 rows per micro-batch)
-    ("memory", 140, f"{PY} bench/memory.py --steps 2 --plans ckpt:16,full:8", r"RL step|peak GPU|step \d|out of"),
+    ("memory", 130, f"{PY} bench/memory.py --steps 2 --plans ckpt:16,full:8", r"RL step|peak GPU|step \d|out of"),
+    ("nf4", 30, f"{PY} bench/kernels.py --quick --only nf4", r"copy bandwidth|x \d+ x"),
     # diagnosis, on request: the compiled decode step's kernels, and the update per kernel mode
     # with the modes' order reversed (is the Triton mode's slower AR phase kernels or warm-up?)
     ("profile", 170, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 3 --rank 64 "
@@ -73,7 +75,7 @@ STAGES = [
 ]
 
 # kernels, rl-smol and e2e were measured on an H200 (2026-11-26) and have not changed since
-DEFAULT = ("parity", "rl-1.5b", "memory")
+DEFAULT = ("parity", "rl-1.5b", "memory", "nf4")
 
 
 def setup_env(log) -> dict:

@@ -9,7 +9,10 @@ log_softmax, the chunked torch path and the Triton path. It ends by checking the
 Triton >= 1.0x the chunked torch path at every size, >= 1.5x at N=9600 with V=152k, and no more
 peak memory than the chunked torch path.
 
-    python bench/kernels.py [--dtype bf16|fp32] [--quick] [--only inject|reward|logprobs] [--weight-grad]
+    python bench/kernels.py [--dtype bf16|fp32] [--quick] [--only inject|reward|logprobs|nf4] [--weight-grad]
+
+nf4: a decode step's projections with a 4-bit base, bitsandbytes against kernels.nf4 (the nf4 bytes
+read per ms against the copy bandwidth), beside a bf16 GEMM of the same shape.
 """
 import os
 import sys
@@ -139,6 +142,33 @@ def bench_logprobs(shapes, dt, dev, weight_grad):
     return records
 
 
+def bench_nf4(rows, dev):
+    """A decode step's projections of a Qwen2.5-7B-shaped nf4 base: bitsandbytes' path (a bf16
+    copy of the weight, then a GEMM), our kernel, and a plain bf16 GEMM (what a full-precision
+    base reads). GB/s counts the nf4 bytes the kernel must read (weight + fp32 scales)."""
+    import bitsandbytes as bnb
+    print("\nnf4 decode matmul (Qwen2.5-7B shapes): bitsandbytes vs kernels.nf4, and a bf16 GEMM for scale")
+    print(f"{'projection':16} {'rows x N x K':28} {'bnb ms':>9} {'triton ms':>9} {'speedup':>8}  nf4 GB/s, bf16 GEMM ms")
+    for name, N, K in (("q/o", 3584, 3584), ("k/v", 512, 3584), ("gate/up", 18944, 3584), ("down", 3584, 18944)):
+        q = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(torch.randn(N, K) * 0.02, requires_grad=False, compress_statistics=True,
+                                     quant_type="nf4")
+        q = q.to(dev)
+        p = kernels.nf4_prepare(q)
+        w = kernels.nf4.dequantize_torch(*p, torch.bfloat16)
+        for m in rows:
+            x = torch.randn(m, K, device=dev, dtype=torch.bfloat16)
+            with torch.no_grad():
+                t_ms = bench_ms(lambda: q(x))
+                k_ms = bench_ms(lambda: kernels.nf4_linear_triton(x, *p))
+                g_ms = bench_ms(lambda: torch.nn.functional.linear(x, w))
+            gb = N * K / 2 + N * K / p[5] * 4
+            print(f"{name:16} {f'{m} x {N} x {K}':28} {t_ms:9.3f} {k_ms:9.3f} {t_ms / k_ms:7.2f}x  "
+                  f"{gb / k_ms / 1e6:6.0f} GB/s ({gb / k_ms / 1e6 / PEAK:.0%} of copy), {g_ms:.3f}")
+        del q, p, w
+        torch.cuda.empty_cache()
+
+
 def check_targets(records):
     print("\nlog-prob targets (triton against the chunked torch path):")
     worst_f = min(records, key=lambda r: r["fwd"])
@@ -165,7 +195,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--quick", action="store_true", help="fewer sizes")
-    ap.add_argument("--only", choices=["inject", "reward", "logprobs"], help="one kernel family")
+    ap.add_argument("--only", choices=["inject", "reward", "logprobs", "nf4"], help="one kernel family")
     ap.add_argument("--weight-grad", action="store_true", help="log-probs backward also into the head")
     a = ap.parse_args()
     if not torch.cuda.is_available():
@@ -187,6 +217,8 @@ def main():
         # SmolLM2-135M, Llama-3.2-1B-shaped, Qwen2.5-7B
         shapes = [(576, 49152), (3584, 152064)] if a.quick else [(576, 49152), (2048, 128256), (3584, 152064)]
         check_targets(bench_logprobs(shapes, dt, dev, a.weight_grad))
+    if a.only in (None, "nf4"):
+        bench_nf4([1, 64] if a.quick else [1, 8, 64], dev)
 
 
 if __name__ == "__main__":

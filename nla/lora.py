@@ -28,6 +28,8 @@ import os
 import torch
 from torch import nn
 
+import kernels
+
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -74,6 +76,7 @@ class LoRALinear(nn.Module):
         self.merged_role: str | None = None
         self.group: _Group | None = None  # siblings reading the same input, merged into one buffer
         self.span = (0, 0)  # this projection's rows in the group's buffer
+        self.nf4: tuple | None = None  # a 4-bit base's weight as the decode kernel reads it (kernels.nf4)
 
     def forward(self, x):
         sw = self.switch
@@ -87,7 +90,7 @@ class LoRALinear(nn.Module):
             if g.left == 0:  # every sibling served: hold nothing between steps (nor make the input
                 g.x = g.z = None  # and product extra outputs of a compiled step)
             return out
-        y = self.base(x)
+        y = kernels.nf4_linear(x, self.base, self.nf4) if sw.fast and self.nf4 else self.base(x)
         a = self.adapters[sw.active] if sw.active in self.adapters else None
         if a is None:
             return y
@@ -238,6 +241,8 @@ def inference_weights(model: nn.Module, role: str | None, dtype: torch.dtype):
                 m.merged_role = role
                 continue
             m.merged_role = None  # a merge left from an earlier call is stale now
+            if m.nf4 is None:  # the base is frozen: its scales are unpacked once
+                m.nf4 = kernels.nf4_prepare(m.base) or ()
             if a.fast is None or (a.fast[0].dtype, a.fast[0].device) != (dtype, a.A.device):
                 a.fast = (torch.empty_like(a.A, dtype=dtype), torch.empty_like(a.B, dtype=dtype))
             a.fast[0].copy_(a.A)

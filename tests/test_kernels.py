@@ -314,3 +314,65 @@ def test_dispatch(monkeypatch):
     monkeypatch.setenv("NLA_KERNELS", "cuda")
     with pytest.raises(ValueError, match="torch or triton"):
         backend(x)
+
+
+def _nf4_linear(N, K, nested, dtype, device, seed=0):
+    """A bitsandbytes nf4 Linear4bit with a bias, quantised from a random fp32 weight."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(K, N)
+    q = bnb.nn.Linear4bit(K, N, bias=True, compute_dtype=dtype, compress_statistics=nested, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=nested, quant_type="nf4")
+    q.bias = torch.nn.Parameter(lin.bias.data.to(dtype), requires_grad=False)
+    return q.to(device)
+
+
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("N,K", [(80, 128), (33, 192), (96, 256)])
+def test_nf4_reference_dequantises_as_bitsandbytes(nested, N, K):
+    """The torch reference reads the format exactly as bitsandbytes does: bit for bit."""
+    from bitsandbytes.functional import dequantize_4bit
+    q = _nf4_linear(N, K, nested, torch.float32, DEV)
+    p = kernels.nf4_prepare(q)
+    for dtype in (torch.float32, torch.bfloat16):
+        want = dequantize_4bit(q.weight.data, q.weight.quant_state).to(dtype)
+        assert torch.equal(kernels.nf4.dequantize_torch(*p, dtype), want)
+
+
+# bf16 tl.dot is wrong under the Triton interpreter (numpy has no bf16): bf16 runs on the GPU only
+NF4_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", NF4_DTYPES)
+@pytest.mark.parametrize("M,N,K", [(1, 80, 128), (5, 33, 192), (17, 96, 256), (64, 70, 384)])
+def test_nf4_linear(dtype, M, N, K):
+    q = _nf4_linear(N, K, True, dtype, DEV, seed=M)
+    p = kernels.nf4_prepare(q)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(N)).to(DEV, dtype)
+    with torch.no_grad():
+        want = kernels.nf4_linear_torch(x, *p, bias=q.bias)
+        got = kernels.nf4_linear_triton(x, *p, bias=q.bias)
+        got3 = kernels.nf4_linear_triton(strided(x)[None], *p, bias=q.bias)[0]  # batch dims, strided rows
+    assert got.dtype == dtype and got.shape == (M, N)
+    torch.testing.assert_close(got, want, **tol(dtype))
+    torch.testing.assert_close(got3, want, **tol(dtype))
+
+
+@needs_triton
+def test_nf4_linear_dispatch(monkeypatch):
+    """The kernel runs only where it pays: a decode batch without gradients; everything else is
+    bitsandbytes' own path."""
+    q = _nf4_linear(40, 128, True, torch.float32, DEV)
+    p = kernels.nf4_prepare(q)
+    calls = []
+    real = kernels.nf4.nf4_linear_triton
+    monkeypatch.setattr(kernels.nf4, "nf4_linear_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("NLA_KERNELS", "triton")
+    with torch.no_grad():
+        kernels.nf4_linear(torch.randn(3, 128, device=DEV), q, p)
+        kernels.nf4_linear(torch.randn(kernels.nf4.MAX_ROWS + 1, 128, device=DEV), q, p)
+    x = torch.randn(3, 128, device=DEV, requires_grad=True)
+    kernels.nf4_linear(x, q, p).sum().backward()
+    assert len(calls) == 1 and x.grad is not None
+    assert kernels.nf4_prepare(torch.nn.Linear(4, 4)) is None
