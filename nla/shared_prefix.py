@@ -50,7 +50,7 @@ class SharedPrefix:
 
 def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(the distinct rows of x, index [n] of each row among them), compared bit for bit."""
-    bits = x.contiguous().view(torch.uint8).reshape(x.shape[0], -1)  # any dtype (a float unique may lack one)
+    bits = x.detach().contiguous().view(torch.uint8).reshape(x.shape[0], -1)  # any dtype (a float unique may lack one)
     _, index = torch.unique(bits, dim=0, return_inverse=True)
     first = torch.full((int(index.max()) + 1,), x.shape[0], dtype=torch.long, device=x.device)
     first.scatter_reduce_(0, index, torch.arange(x.shape[0], device=x.device), "amin")
