@@ -21,7 +21,7 @@ failure or hang does not eat the rest, and ends with a one-screen summary:
 
     python bench/gpu_check.py [--out DIR] [--only STAGE,...|all] [--dry-run]
 
-By default it runs what is not yet settled on a GPU (DEFAULT below, <= 8 minutes, so a rerun
+By default it runs what is not yet settled on a GPU (DEFAULT below, <= 500 s, so a rerun of a stage
 still fits the session); `--only all` runs every stage (~10 minutes: more than one call allows).
 Carry: `.whl` (wheels: bitsandbytes, pytest and its deps) and `.gpu/tokenizer` (the SmolLM2
 tokenizer files); see the README's GPU section for the exact `run` call.
@@ -51,7 +51,7 @@ STAGES = [
                      f"--micro 32 --loops ours,ours-compiled,ours-compiled-unfused,reference,hf --profile-decode",
      r"roofline|ours|old eager|HF generate|torch |triton |failed|peak|^prof "),
     # the 7B step with checkpointing (micro 16), and without it (one group of 8 rows per micro-batch)
-    ("memory", 130, f"{PY} bench/memory.py --steps 2 --plans ckpt:16,full:8", r"RL step|peak GPU|step \d|out of"),
+    ("memory", 150, f"{PY} bench/memory.py --steps 2 --plans ckpt:16,full:8", r"RL step|peak GPU|step \d|out of"),
     ("nf4", 30, f"{PY} bench/kernels.py --quick --only nf4", r"copy bandwidth|x \d+ x"),
     # diagnosis, on request: the compiled decode step's kernels, and the update per kernel mode
     # with the modes' order reversed (is the Triton mode's slower AR phase kernels or warm-up?)
