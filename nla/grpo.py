@@ -7,7 +7,8 @@
     4. One GRPO step on the AV: group-standardised advantages, clipped ratio, KL to the
        frozen warm-start AV ("ref"), token-level averaging over the global batch.
 With one update per batch the ratio is exactly 1 (the clip is inert); it is kept so that
-more epochs per batch would be correct.
+more epochs per batch would be correct. A group's G rows share their prompt's forward (in the
+rollout and in both log-prob passes: nla/shared_prefix.py), so micro-batches hold whole groups.
 """
 from __future__ import annotations
 

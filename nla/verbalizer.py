@@ -1,8 +1,9 @@
 """The activation verbalizer (AV): base + "av" adapter, reading an injected vector, writing text.
 
 Every AV prompt has the same token ids (only the injected vector differs), so a batch needs no
-padding: prefill once with the vectors injected, then decode one token per step from a static KV
-cache sized for prompt + cap (nla/decoding.py; on CUDA each step is a replayed CUDA graph).
+padding: prefill once per distinct vector (a GRPO group's G rows share one; nla/shared_prefix.py),
+then decode one token per step from a static KV cache sized for prompt + cap (nla/decoding.py; on
+CUDA each step is a replayed CUDA graph).
 An explanation ends at `</explanation>`; one that hits EOS or the length cap first is a failure
 (reward -2.0 in RL). Log-probs for GRPO go through kernels.token_logprobs, which never holds
 the [tokens, vocab] fp32 log-softmax.
