@@ -47,11 +47,11 @@ STAGES = [
     ("kernels", 45, f"{PY} bench/kernels.py --quick", r"target|MISSED|met|speed-up|x$"),
     ("rl-smol", 40, f"{PY} bench/rl_step.py --shape smollm2 --acts 8 --group 8 --max-new 64 --steps 2 --loops ours,ours-adapters,reference",
      r"roofline|ours|old eager|torch |triton |failed"),
-    ("rl-1.5b", 250, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 2 --rank 64 "
+    ("rl-1.5b", 240, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 2 --rank 64 "
                      f"--micro 32 --loops ours,ours-compiled,ours-compiled-unfused,reference,hf --profile-decode",
      r"roofline|ours|old eager|HF generate|torch |triton |failed|peak|^prof "),
-    # the 7B step with checkpointing (micro 16), and without it (one group of 8 rows per micro-batch)
-    ("memory", 150, f"{PY} bench/memory.py --steps 2 --plans ckpt:16,full:8", r"RL step|peak GPU|step \d|out of"),
+    # the 7B step with checkpointing (micro 16), and without it (micro-batches of 8 and 4 rows)
+    ("memory", 160, f"{PY} bench/memory.py --steps 2 --plans ckpt:16,full:8,full:4", r"RL step|peak GPU|step \d|out of"),
     ("nf4", 30, f"{PY} bench/kernels.py --quick --only nf4", r"copy bandwidth|x \d+ x"),
     # diagnosis, on request: the compiled decode step's kernels, and the update per kernel mode
     # with the modes' order reversed (is the Triton mode's slower AR phase kernels or warm-up?)
