@@ -124,10 +124,10 @@ def nf4_linear_triton(x, packed, absmax, code, N, K, blocksize, bias=None):
         _k()[(_cdiv(N, BLOCK_N), S, _cdiv(M, BLOCK_M))](
             x2, packed, absmax, code, part, M, N, K, K // S, *x2.stride(), BS=blocksize,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, IEEE=x.dtype == torch.float32, num_warps=4)
-    out = (part[0] if S == 1 else part.sum(0)).to(x.dtype)
-    if bias is not None:
-        out = out + bias.to(x.dtype)
-    return out.reshape(*lead, N)
+    out = part[0] if S == 1 else part.sum(0)
+    if bias is not None:  # added before the one rounding, as a GEMM's epilogue does
+        out = out + bias.float()
+    return out.to(x.dtype).reshape(*lead, N)
 
 
 def _cdiv(a: int, b: int) -> int:
