@@ -21,6 +21,8 @@ import functools
 
 import torch
 
+from .errors import NLAError
+
 NAME = "nla_shared_prefix"
 
 
@@ -80,8 +82,14 @@ def _register() -> None:
 
 @contextlib.contextmanager
 def _attention(model):
+    """Our attention for one forward. It is Hugging Face's SDPA path plus the prefix, so a model
+    set up for another implementation (eager with soft-capping, flash) is refused, not silently
+    changed."""
     _register()
     cfg = model.config
+    if cfg._attn_implementation not in ("sdpa", NAME):
+        raise NLAError(f"{type(model).__name__} runs '{cfg._attn_implementation}' attention; nla needs 'sdpa' "
+                       f"(load the model with attn_implementation='sdpa')")
     prev, cfg._attn_implementation = cfg._attn_implementation, NAME
     try:
         yield

@@ -121,3 +121,13 @@ def test_each_distinct_prompt_runs_once(tiny_path):
         lp, _ = response_logprobs(base, spec, vectors, [[300]] * 8, "av")  # one token each: the prompt only
         assert seen == [(2, P)] and lp.shape == (8, 1)
     hook.remove()
+
+
+def test_other_attention_implementations_are_refused(tiny_path):
+    """Shared prefixes run Hugging Face's SDPA path; a model set up for another implementation gets
+    one clear line, not a silent change of its attention."""
+    from nla.errors import NLAError
+    base, spec = _setup(tiny_path, False)
+    base.model.config._attn_implementation = "eager"
+    with pytest.raises(NLAError, match="runs 'eager' attention"):
+        response_logprobs(base, spec, torch.randn(2, base.d_model), [[300, 301]] * 2, "av")
