@@ -376,3 +376,13 @@ def test_nf4_linear_dispatch(monkeypatch):
     kernels.nf4_linear(x, q, p).sum().backward()
     assert len(calls) == 1 and x.grad is not None
     assert kernels.nf4_prepare(torch.nn.Linear(4, 4)) is None
+
+
+def test_nf4_split_k_is_near_two_waves():
+    """Split-K parts divide K into whole blocks and give about 264 programs (two waves of 132 SMs):
+    not the first split above it, which at 7B's down projection writes 37 fp32 partials."""
+    from kernels.nf4 import _splits
+    for N, K in ((3584, 3584), (512, 3584), (18944, 3584), (3584, 18944)):  # Qwen2.5-7B projections
+        tiles = -(-N // 64)
+        s = _splits(K, 128, tiles)
+        assert (K // 128) % s == 0 and 132 <= tiles * s <= 528, (N, K, s)
