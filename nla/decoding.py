@@ -197,20 +197,15 @@ class Decoder:
     def _forward(self, **kw) -> torch.Tensor:
         return self.model(**kw, **{self.kw: self.cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
 
-    def prefill(self, emb: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Logits after the prompts: emb [u, P, d] holds the distinct ones, and row i of the
-        cache starts with prompt index[i]. Each distinct prompt runs once (a GRPO group's G rows
-        share one; on a CPU the prompt forward is ~30% of a rollout), and its keys and values are
-        written to its rows through the cache's own update."""
+    def prefill(self, prompts: SharedPrefix, index: torch.Tensor) -> None:
+        """Start every row's cache with its prompt: `prompts` holds the keys and values of the
+        distinct ones (each ran once: a GRPO group's G rows share one, and on a CPU the prompts'
+        forward was ~30% of a rollout), and row i starts with prompt index[i]. Written through
+        the cache's own update."""
         self.cache.reset()
-        P = emb.shape[1]
-        self.pos.fill_(P)
-        shared = SharedPrefix(self.model, index)
-        logits = shared.prefix(self.model, inputs_embeds=emb, position_ids=torch.arange(P, device=self.device)[None],
-                               logits_to_keep=1).logits[:, -1]
-        for i, (k, v) in sorted(shared.kv.items()):
+        self.pos.fill_(prompts.P)
+        for i, (k, v) in sorted(prompts.kv.items()):
             self.cache.update(k.index_select(0, index), v.index_select(0, index), i)
-        return logits.index_select(0, index)
 
     def step(self, nxt: torch.Tensor) -> torch.Tensor:
         """Logits after appending token `nxt` [n] to every row."""

@@ -39,9 +39,11 @@ def reconstruct(base, spec: NLASpec, head: ARHead, texts: list[str], role: str =
     the same for every row, so it runs once (nla/shared_prefix.py)."""
     ids, lens = ar_inputs(base.tokenizer, spec, texts, base.device)
     n = len(texts)
-    shared = SharedPrefix(base.model, torch.zeros(n, dtype=torch.long, device=base.device))
     with lora.use(base.model, role), early_exit(base.model, spec.layer) as inner:
-        first = shared.prefix(inner, input_ids=torch.tensor([spec.ar_prefix_ids], device=base.device))
-        h = torch.cat([first.last_hidden_state[:, -1:].expand(n, -1, -1), shared.continuation(inner, ids).last_hidden_state], 1)
+        prefix = SharedPrefix(base.model)
+        first = prefix.forward(inner, input_ids=torch.tensor([spec.ar_prefix_ids], device=base.device))
+        rows = SharedPrefix(base.model, prefix, torch.zeros(n, dtype=torch.long, device=base.device), record=False)
+        h = torch.cat([first.last_hidden_state[:, -1:].expand(n, -1, -1),
+                       rows.forward(inner, input_ids=ids).last_hidden_state], 1)
     h_last = h[torch.arange(n, device=h.device), lens].float()  # the template's last token
     return head(h_last.to(head.weight.dtype))

@@ -7,12 +7,17 @@ the shipped NLA). Running it once per group cuts the policy forward, its backwar
 reference forward by up to (G-1)/G of the prompt's share. The AR's template prefix is the same
 for every row, so it runs once per batch.
 
+The AV prompt is shared at two levels: its tokens before the placeholder are the same for every
+row whatever the vector (41 of 76 for the shipped NLA), so they run once per batch; the rest runs
+once per distinct vector. (In `add` injection mode the vector enters at block 1 over the whole
+prompt, so there the prompt is one level.)
+
 A Hugging Face KV cache cannot carry this in training: it is dropped under gradient
 checkpointing (a replayed block would write it twice). Instead the attention function records
-each block's prefix keys and values during the prefix forward, and the continuation forward
-(positions P..) attends to them through an index, so gradients reach the prefix forward as
-through any tensor. Which of the two a block ran is a keyword argument, which checkpointing
-replays with the block; the attention implementation's name is replayed by lora._replaying.
+each block's keys and values during a level's forward, and the next level's forward (positions
+P..) attends to them through an index, so gradients reach the earlier forwards as through any
+tensor. The level a block ran is a keyword argument, which checkpointing replays with the block;
+the attention implementation's name is replayed by lora._replaying.
 """
 from __future__ import annotations
 
@@ -27,27 +32,27 @@ NAME = "nla_shared_prefix"
 
 
 class SharedPrefix:
-    """Prefix forwards for u distinct prefixes, and continuation forwards for n rows; row i
-    continues prefix index[i]. `module` is the model or its decoder (possibly inside
-    models.early_exit); each call returns what the module returns."""
+    """One level of a token tree: `rows` sequences that each continue row index[i] of the level
+    `parent` (or start the sequence). Its forward records every block's keys and values of all
+    tokens so far (the parent's, gathered, then its own) for the next level to read; a last level
+    (record=False) keeps nothing. Levels: the tokens every row shares, those each distinct prompt
+    shares, each row's own."""
 
-    def __init__(self, model, index: torch.Tensor):
-        self.model, self.index, self.kv, self.P = model, index, {}, 0
+    def __init__(self, model, parent: "SharedPrefix | None" = None, index: torch.Tensor | None = None,
+                 record: bool = True):
+        self.model, self.parent, self.index, self.record = model, parent, index, record
+        self.kv, self.P = {}, parent.P if parent is not None else 0
 
-    def prefix(self, module, **inputs):
-        """A forward of the prefixes (input_ids or inputs_embeds [u, P], no padding) that records
-        every block's keys and values."""
+    def forward(self, module, **inputs):
+        """A forward of input_ids or inputs_embeds [rows, T] at positions P.. of the parent's rows;
+        `module` is the model or its decoder (possibly inside models.early_exit), and this returns
+        what it returns. Right padding is fine in a last level (causal: nothing real reads it)."""
         x = inputs.get("input_ids", inputs.get("inputs_embeds"))
-        self.P = x.shape[1]
+        start = self.P
+        self.P = start + x.shape[1]
+        inputs.setdefault("position_ids", torch.arange(start, self.P, device=x.device)[None])
         with _attention(self.model):
-            return module(**inputs, use_cache=False, nla_record=self)
-
-    def continuation(self, module, ids: torch.Tensor):
-        """A forward of [n, R] right-padded ids after each row's prefix. Padding is never read by
-        a real position (causal attention); its own outputs are the caller's to ignore."""
-        pos = torch.arange(self.P, self.P + ids.shape[1], device=ids.device)[None]
-        with _attention(self.model):
-            return module(input_ids=ids, position_ids=pos, use_cache=False, nla_read=self)
+            return module(**inputs, use_cache=False, nla_level=self)
 
 
 def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,16 +64,18 @@ def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[first], index
 
 
-def shared_prefix_attention(module, query, key, value, attention_mask, nla_record=None, nla_read=None, **kw):
+def shared_prefix_attention(module, query, key, value, attention_mask, nla_level=None, **kw):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    if nla_record is not None:  # a replayed block (checkpointing) keeps the first record: same values
-        nla_record.kv.setdefault(module.layer_idx, (key, value))
-    elif nla_read is not None:
-        pk, pv = nla_read.kv[module.layer_idx]
-        key = torch.cat([pk.index_select(0, nla_read.index), key], 2)
-        value = torch.cat([pv.index_select(0, nla_read.index), value], 2)
-        P, R = pk.shape[2], query.shape[2]
-        attention_mask = torch.ones(R, P + R, dtype=torch.bool, device=query.device).tril(P)[None, None]
+    if nla_level is not None:
+        up = nla_level.parent
+        if up is not None:
+            pk, pv = up.kv[module.layer_idx]
+            key = torch.cat([pk.index_select(0, nla_level.index), key], 2)
+            value = torch.cat([pv.index_select(0, nla_level.index), value], 2)
+            P, R = pk.shape[2], query.shape[2]
+            attention_mask = torch.ones(R, P + R, dtype=torch.bool, device=query.device).tril(P)[None, None]
+        if nla_level.record:  # a replayed block (checkpointing) keeps the first record: same values
+            nla_level.kv.setdefault(module.layer_idx, (key, value))
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
 
 

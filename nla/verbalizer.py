@@ -20,7 +20,7 @@ import kernels
 
 from . import lora
 from .decoding import Decoder, StopDetector, pick
-from .inject import injected
+from .inject import injected, locate
 from .models import decoder_of
 from .shared_prefix import SharedPrefix, distinct_rows
 from .spec import CLOSE, NLASpec
@@ -37,6 +37,23 @@ class Sample:
 
 def _prompt(spec: NLASpec, n: int, device) -> torch.Tensor:
     return torch.tensor(spec.av_prompt_ids, device=device).expand(n, -1).contiguous()
+
+
+def _prompts(model, module, spec: NLASpec, vectors: torch.Tensor, **kw):
+    """The AV prompts of distinct `vectors` [u, d] through `module` (the model or its decoder):
+    (the level holding their keys and values, the module's output for them). The tokens before
+    the placeholder are the same for every row, so in `replace` mode they run once, as a level of
+    their own (nla/shared_prefix.py)."""
+    ids = _prompt(spec, len(vectors), vectors.device)
+    split = int(locate(ids[:1], spec, 1)[0].argmax()) if spec.injection_mode == "replace" else 0
+    with injected(model, ids, vectors, spec) as emb:
+        common = None
+        if split > 0:
+            common = SharedPrefix(model)
+            common.forward(module, inputs_embeds=emb[:1, :split], **kw)
+        level = SharedPrefix(model, common, torch.zeros(len(vectors), dtype=torch.long, device=ids.device)
+                             if common is not None else None)
+        return level, level.forward(module, inputs_embeds=emb[:, split:], **kw)
 
 
 def _stop_ids(tok) -> set:
@@ -61,8 +78,9 @@ def generate(base, spec: NLASpec, vectors: torch.Tensor, max_new: int = 64, temp
         dec = Decoder.of(model, n, P + max_new, role)
         with lora.use(model, role), lora.inference_weights(model, role, dec.dtype):
             uniq, index = distinct_rows(vectors.to(base.device))
-            with injected(model, ids[:len(uniq)], uniq, spec) as emb:
-                logits = dec.prefill(emb, index)
+            level, first = _prompts(model, model, spec, uniq, logits_to_keep=1)
+            dec.prefill(level, index)
+            logits = first.logits[:, -1].index_select(0, index)
             for step in range(max_new):
                 out[:, step] = nxt = pick(logits, temperature, generator)
                 if step + 1 == max_new or ((step + 1) % CHECK_EVERY == 0 and stops.all_stopped(out[:, :step + 1])):
@@ -161,13 +179,12 @@ def response_logprobs(base, spec: NLASpec, vectors: torch.Tensor, responses: lis
         resp[i, :len(r)] = torch.tensor(r, device=dev)
         mask[i, :len(r)] = True
     uniq, index = distinct_rows(vectors.to(dev))
-    shared = SharedPrefix(model, index)
     with lora.use(model, role):
-        with injected(model, _prompt(spec, len(uniq), dev), uniq, spec) as emb:
-            last = shared.prefix(decoder_of(model), inputs_embeds=emb).last_hidden_state[:, -1:]
-        h = last.index_select(0, index)  # predicts token 0; token t predicts t + 1
+        level, out = _prompts(model, decoder_of(model), spec, uniq)
+        h = out.last_hidden_state[:, -1:].index_select(0, index)  # predicts token 0; token t predicts t + 1
         if R > 1:
-            h = torch.cat([h, shared.continuation(decoder_of(model), resp[:, :-1]).last_hidden_state], 1)
+            rows = SharedPrefix(model, level, index, record=False)
+            h = torch.cat([h, rows.forward(decoder_of(model), input_ids=resp[:, :-1]).last_hidden_state], 1)
     head = model.get_output_embeddings().weight
     lp = kernels.token_logprobs(h.reshape(n * R, -1), head, resp.reshape(-1)).view(n, R)
     return lp, mask

@@ -234,6 +234,7 @@ def test_compiled_decode_step_matches_eager(av_base, monkeypatch):
     backend, ~20 s) with the packed attention and the merged, fused sampling weights gives the
     eager step's logits, traced once."""
     from nla.decoding import Decoder, packed_gqa
+    from nla.shared_prefix import SharedPrefix
     monkeypatch.setenv("NLA_FUSED_SAMPLING", "1")  # CUDA's default
     spec = _spec(av_base)
     m = av_base.model
@@ -246,10 +247,12 @@ def test_compiled_decode_step_matches_eager(av_base, monkeypatch):
         return gm.forward
     with torch.no_grad(), lora.use(m, "av"), lora.inference_weights(m, "av", torch.float32):
         assert lora._groups(m) and all(g.live for g in lora._groups(m))
-        nxt = dec.prefill(emb, torch.arange(3)).argmax(-1)
+        prompts = SharedPrefix(m)
+        nxt = prompts.forward(m, inputs_embeds=emb, logits_to_keep=1).logits[:, -1].argmax(-1)
+        dec.prefill(prompts, torch.arange(3))
         eager = [dec.step(nxt).clone() for _ in range(3)]
         for compiler in (backend, "inductor"):
-            dec.prefill(emb, torch.arange(3))
+            dec.prefill(prompts, torch.arange(3))
             fwd = torch.compile(dec._forward, dynamic=False, backend=compiler)
             for ref in eager:
                 dec.tok.copy_(nxt[:, None])

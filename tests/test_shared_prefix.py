@@ -111,16 +111,26 @@ def test_each_distinct_prompt_runs_once(tiny_path):
     hook = decoder_of(base.model).layers[0].register_forward_hook(lambda m, a, o: seen.append(tuple(a[0].shape[:2])))
     vectors = torch.randn(2, base.d_model).repeat_interleave(4, 0)
     P = len(spec.av_prompt_ids)
+    split = spec.av_prompt_ids.index(spec.placeholder_id)  # before it: the same tokens for every row
+    assert 0 < split < P
+    prompts = [(1, split), (2, P - split)]
     with torch.no_grad():
         response_logprobs(base, spec, vectors, [[300, 301, 302]] * 8, "av")
-        assert seen == [(2, P), (8, 2)]
+        assert seen == prompts + [(8, 2)]
         seen.clear()
         generate(base, spec, vectors, 3, 1.0, generator=torch.Generator().manual_seed(0))
-        assert seen == [(2, P), (8, 1), (8, 1)]
+        assert seen == prompts + [(8, 1), (8, 1)]
         seen.clear()
         lp, _ = response_logprobs(base, spec, vectors, [[300]] * 8, "av")  # one token each: the prompt only
-        assert seen == [(2, P)] and lp.shape == (8, 1)
+        assert seen == prompts and lp.shape == (8, 1)
     hook.remove()
+    base, spec = _setup(tiny_path, False, "add")  # the vector enters at block 1 over the whole prompt
+    seen.clear()
+    hook = decoder_of(base.model).layers[0].register_forward_hook(lambda m, a, o: seen.append(tuple(a[0].shape[:2])))
+    with torch.no_grad():
+        response_logprobs(base, spec, vectors, [[300, 301, 302]] * 8, "av")
+    hook.remove()
+    assert seen == [(2, P), (8, 2)]
 
 
 def test_other_attention_implementations_are_refused(tiny_path):
