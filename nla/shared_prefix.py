@@ -1,5 +1,5 @@
-"""Rows that start with the same tokens run them once: a prefix forward per distinct prefix, then
-a forward of every row's continuation that attends to its prefix's keys and values.
+"""Rows that start with the same tokens run them once: a forward per distinct prefix, then a forward
+of every row's continuation that attends to its prefix's keys and values.
 
 GRPO scores G explanations of each activation, so G rows share the AV's prompt with the same
 vector injected, and at explanation lengths the prompt is most of a row (76 of ~110 tokens for
@@ -32,8 +32,8 @@ NAME = "nla_shared_prefix"
 
 
 class SharedPrefix:
-    """One level of a token tree: `rows` sequences that each continue row index[i] of the level
-    `parent` (or start the sequence). Its forward records every block's keys and values of all
+    """One level of a token tree: sequences whose row i continues row index[i] of the level
+    `parent` (or that start there). Its forward records every block's keys and values of all
     tokens so far (the parent's, gathered, then its own) for the next level to read; a last level
     (record=False) keeps nothing. Levels: the tokens every row shares, those each distinct prompt
     shares, each row's own."""
