@@ -118,18 +118,14 @@ def nf4_linear_triton(x, packed, absmax, code, N, K, blocksize, bias=None):
     BLOCK_M = min(64, pow2(M))
     BLOCK_N = 64
     BLOCK_K = max(blocksize, 128) if K % max(blocksize, 128) == 0 else blocksize
-    tiles = _cdiv(N, BLOCK_N) * _cdiv(M, BLOCK_M)
-    S = _splits(K, BLOCK_K, tiles)
+    n_tiles, m_tiles = -(-N // BLOCK_N), -(-M // BLOCK_M)
+    S = _splits(K, BLOCK_K, n_tiles * m_tiles)
     part = empty((S, M, N), torch.float32, x.device)
     if M:
-        _k()[(_cdiv(N, BLOCK_N), S, _cdiv(M, BLOCK_M))](
+        _k()[(n_tiles, S, m_tiles)](
             x2, packed, absmax, code, part, M, N, K, K // S, *x2.stride(), BS=blocksize,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, IEEE=x.dtype == torch.float32, num_warps=4)
     out = part[0] if S == 1 else part.sum(0)
     if bias is not None:  # added before the one rounding, as a GEMM's epilogue does
         out = out + bias.float()
     return out.to(x.dtype).reshape(*lead, N)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)

@@ -31,7 +31,6 @@ bytes per step than the weights themselves.
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import os
 import warnings
@@ -39,6 +38,7 @@ from collections import OrderedDict
 
 import torch
 
+from .models import attention_as
 from .shared_prefix import SharedPrefix
 
 MAX_DECODERS = 3  # cached (shape, role) decoders per model: RL rollouts, evals, explain
@@ -114,29 +114,12 @@ def packed_gqa_attention(module, query, key, value, attention_mask, dropout=0.0,
     return out.reshape(b, h, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
-@functools.cache
-def _register_packed() -> None:
-    """Once per process: the attention function, and SDPA's masks under its name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-    AttentionInterface.register(PACKED, lambda *a, **k: packed_gqa_attention(*a, **k))
-    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED, sdpa_mask)
-
-
-@contextlib.contextmanager
 def packed_gqa(model):
     """Decode with packed_gqa_attention where the model runs SDPA (its masks stay SDPA's);
     NLA_PACKED_GQA=0 keeps Hugging Face's path (for a comparison)."""
-    cfg = model.config
-    if getattr(cfg, "_attn_implementation", None) != "sdpa" or os.environ.get("NLA_PACKED_GQA", "1") == "0":
-        yield
-        return
-    _register_packed()
-    cfg._attn_implementation = PACKED
-    try:
-        yield
-    finally:
-        cfg._attn_implementation = "sdpa"
+    if getattr(model.config, "_attn_implementation", None) != "sdpa" or os.environ.get("NLA_PACKED_GQA", "1") == "0":
+        return contextlib.nullcontext()
+    return attention_as(model, PACKED, lambda *a, **k: packed_gqa_attention(*a, **k))
 
 
 def _cache_kw(model) -> str:

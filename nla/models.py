@@ -182,6 +182,28 @@ def load_base(spec: str = EMBEDDED_ALIAS, device: str | None = None, dtype: torc
                 d_model=cfg.hidden_size, quant=quant)
 
 
+_ATTENTION_REGISTERED: set = set()
+
+
+@contextlib.contextmanager
+def attention_as(model: nn.Module, name: str, fn):
+    """Inside the block `model` runs attention function `fn` (registered once per process under
+    `name`, with SDPA's masks) instead of its own; its implementation comes back after. For
+    functions that extend Hugging Face's SDPA path (nla/decoding.py, nla/shared_prefix.py)."""
+    if name not in _ATTENTION_REGISTERED:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+        AttentionInterface.register(name, fn)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+        _ATTENTION_REGISTERED.add(name)
+    cfg = model.config
+    prev, cfg._attn_implementation = cfg._attn_implementation, name
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = prev
+
+
 @contextlib.contextmanager
 def early_exit(model: nn.Module, layer: int):
     """Within the block, the decoder runs blocks 0..layer only and returns their raw residual

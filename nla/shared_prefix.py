@@ -21,12 +21,10 @@ the attention implementation's name is replayed by lora._replaying.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-
 import torch
 
 from .errors import NLAError
+from .models import attention_as
 
 NAME = "nla_shared_prefix"
 
@@ -79,26 +77,12 @@ def shared_prefix_attention(module, query, key, value, attention_mask, nla_level
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
 
 
-@functools.cache
-def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-    AttentionInterface.register(NAME, lambda *a, **k: shared_prefix_attention(*a, **k))
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
-
-
-@contextlib.contextmanager
 def _attention(model):
     """Our attention for one forward. It is Hugging Face's SDPA path plus the prefix, so a model
     set up for another implementation (eager with soft-capping, flash) is refused, not silently
     changed."""
-    _register()
-    cfg = model.config
-    if cfg._attn_implementation not in ("sdpa", NAME):
-        raise NLAError(f"{type(model).__name__} runs '{cfg._attn_implementation}' attention; nla needs 'sdpa' "
+    impl = model.config._attn_implementation
+    if impl not in ("sdpa", NAME):
+        raise NLAError(f"{type(model).__name__} runs '{impl}' attention; nla needs 'sdpa' "
                        f"(load the model with attn_implementation='sdpa')")
-    prev, cfg._attn_implementation = cfg._attn_implementation, NAME
-    try:
-        yield
-    finally:
-        cfg._attn_implementation = prev
+    return attention_as(model, NAME, lambda *a, **k: shared_prefix_attention(*a, **k))

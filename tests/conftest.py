@@ -70,3 +70,30 @@ def tiny_acts(tiny_path, tmp_path_factory):
     collect(CollectConfig(model=tiny_path, layer=2, corpus=str(corpus), out=str(d / "acts"), per_doc=2, min_pos=4,
                           device="cpu", heldout_frac=0.2))
     return str(d / "acts")
+
+
+@pytest.fixture()
+def count_calls(monkeypatch):
+    """count_calls(owner, name): a list that grows by one at each call of owner.name, which still runs."""
+    def wrap(owner, name):
+        calls, real = [], getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+        return calls
+    return wrap
+
+
+def with_av(base, seed: int = 3):
+    """`base` with a rank-4 "av" adapter whose B is not zero (so it changes what the model does)."""
+    import torch
+    from nla import lora
+    lora.attach(base.model, {"av": 4})
+    with torch.no_grad():
+        for p in lora.params(base.model, "av"):
+            p.normal_(0, 0.05, generator=torch.Generator(p.device).manual_seed(seed))
+    return base
+
+
+@pytest.fixture(scope="session")
+def av_on():
+    """with_av, for tests and fixtures of any scope."""
+    return with_av

@@ -15,13 +15,8 @@ from nla.spec import CLOSE, build_spec
 
 
 @pytest.fixture(scope="module")
-def av_base(tiny_path):
-    base = load_base(tiny_path, device="cpu")
-    lora.attach(base.model, {"av": 4})
-    with torch.no_grad():
-        for p in lora.params(base.model, "av"):
-            p.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
-    return base
+def av_base(tiny_path, av_on):
+    return av_on(load_base(tiny_path, device="cpu"))
 
 
 def _spec(base):
@@ -161,15 +156,11 @@ def test_same_samples_on_the_shipped_nla():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_cuda_graph_decoding_equals_eager(tiny_path, monkeypatch, dtype):
+def test_cuda_graph_decoding_equals_eager(tiny_path, monkeypatch, dtype, av_on):
     """On CUDA the step is a captured graph: it must really be captured (no silent fallback) and
     give the ids of the same loop run eagerly; in fp32 also those of the reference loop."""
     monkeypatch.setenv("NLA_COMPILE_DECODE", "0")  # the graph alone: compiled kernels round differently
-    base = load_base(tiny_path, device="cuda", dtype=dtype)
-    lora.attach(base.model, {"av": 4})
-    with torch.no_grad():
-        for p in lora.params(base.model, "av"):
-            p.normal_(0, 0.05)
+    base = av_on(load_base(tiny_path, device="cuda", dtype=dtype))
     spec = _spec(base)
     v = torch.randn(6, base.d_model, generator=torch.Generator().manual_seed(1)).cuda()
     runs = {}
@@ -200,23 +191,17 @@ def test_cuda_graph_decoding_equals_eager(tiny_path, monkeypatch, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_decoding_on_a_4bit_base(tiny_path, monkeypatch):
+def test_cuda_graph_decoding_on_a_4bit_base(tiny_path, monkeypatch, av_on, count_calls):
     """A 4-bit base on CUDA: the decode step, with its projections in kernels.nf4, is captured as a
     graph (no silent fallback) and gives the ids of the same loop run eagerly. (Against
     bitsandbytes' path the bf16 sums round differently, so a random model's near-ties may flip:
     that parity is per projection in test_kernels, and by ids in fp16 in test_quant.)"""
     pytest.importorskip("bitsandbytes")
     import kernels.nf4 as nf4
-    base = load_base(tiny_path, device="cuda", dtype=torch.bfloat16, load_in_4bit=True)
-    lora.attach(base.model, {"av": 4})
-    with torch.no_grad():
-        for p in lora.params(base.model, "av"):
-            p.normal_(0, 0.05)
+    base = av_on(load_base(tiny_path, device="cuda", dtype=torch.bfloat16, load_in_4bit=True))
     spec = _spec(base)
     v = torch.randn(3, base.d_model, generator=torch.Generator().manual_seed(1)).repeat_interleave(2, 0).cuda()
-    calls = []
-    real = nf4.nf4_linear_triton
-    monkeypatch.setattr(nf4, "nf4_linear_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = count_calls(nf4, "nf4_linear_triton")
     runs = {}
     for graph in ("1", "0"):
         monkeypatch.setenv("NLA_CUDA_GRAPH", graph)

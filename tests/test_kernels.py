@@ -360,14 +360,12 @@ def test_nf4_linear(dtype, M, N, K):
 
 
 @needs_triton
-def test_nf4_linear_dispatch(monkeypatch):
+def test_nf4_linear_dispatch(monkeypatch, count_calls):
     """The kernel runs only where it pays: a decode batch without gradients; everything else is
     bitsandbytes' own path."""
     q = _nf4_linear(40, 128, True, torch.float32, DEV)
     p = kernels.nf4_prepare(q)
-    calls = []
-    real = kernels.nf4.nf4_linear_triton
-    monkeypatch.setattr(kernels.nf4, "nf4_linear_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = count_calls(kernels.nf4, "nf4_linear_triton")
     monkeypatch.setenv("NLA_KERNELS", "triton")
     with torch.no_grad():
         kernels.nf4_linear(torch.randn(3, 128, device=DEV), q, p)

@@ -66,7 +66,7 @@ def test_backward_through_4bit_matches_dequantised_weight():
         torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_sampling_through_the_nf4_decode_kernel(tiny_path, monkeypatch):
+def test_sampling_through_the_nf4_decode_kernel(tiny_path, monkeypatch, av_on, count_calls):
     """A rollout on a 4-bit base: the decode steps' projections go through kernels.nf4 (Triton,
     here under the interpreter) and give the ids of bitsandbytes' own path. fp16 compute: the
     interpreter cannot run bf16 dots, and an fp32 base samples through the plain path."""
@@ -74,17 +74,11 @@ def test_sampling_through_the_nf4_decode_kernel(tiny_path, monkeypatch):
     if not interpreting():
         pytest.skip("needs TRITON_INTERPRET=1 on CPU")
     from nla.verbalizer import generate
-    q = load_base(tiny_path, device="cpu", dtype=torch.float16, load_in_4bit=True)
-    lora.attach(q.model, {"av": 4})
-    with torch.no_grad():
-        for p in lora.params(q.model, "av"):
-            p.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+    import kernels.nf4 as nf4
+    q = av_on(load_base(tiny_path, device="cpu", dtype=torch.float16, load_in_4bit=True))
     spec = build_spec(q, 2, {"injection_scale": 3.0, "mse_mean": {"train": 1.5}}, "replace", 4, 4)
     v = torch.randn(2, q.d_model, generator=torch.Generator().manual_seed(1)).repeat_interleave(2, 0)
-    calls = []
-    import kernels.nf4 as nf4
-    real = nf4.nf4_linear_triton
-    monkeypatch.setattr(nf4, "nf4_linear_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = count_calls(nf4, "nf4_linear_triton")
     out = {}
     for impl in ("torch", "triton"):
         monkeypatch.setenv("NLA_KERNELS", impl)
