@@ -8,13 +8,16 @@ every one marked closed so the AR step reads all of them, the AR step and the GR
 gradient checkpointing and micro-batches. Targets: peak <= 20 GB (a 24 GB card fits) and a
 whole step <= 4 s on one H100/H200. The reference trains this size on 16 x 80 GB GPUs.
 
-    python bench/memory.py [--acts 8] [--group 8] [--max-new 150] [--plans ckpt:16,full:8] [--shape qwen2.5-7b] [--no-nf4]
+    python bench/memory.py [--acts 8] [--group 8] [--max-new 150] [--plans ckpt:16,full:8] [--rollout-ab]
+                           [--shape qwen2.5-7b] [--no-nf4]
 (the tokenizer: NLA_TOKENIZER, else the embedded SmolLM2's cache)
 
 --plans runs each way of fitting the update in one process, on the same model: `ckpt:M`
 recomputes every block in backward (gradient checkpointing) with micro-batches of M rows, `full:M`
 stores the activations of M rows (one forward fewer per backward, if they fit in memory). Each
-plan's peak is measured from its own start.
+plan's peak is measured from its own start. The rollouts run as training runs them: on a 4-bit base
+the decode step is compiled when every quantised weight goes through kernels.nf4 (nla/decoding.py);
+`--rollout-ab` then times the same rollout with the step captured but not compiled.
 """
 import os
 import sys
@@ -24,6 +27,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import argparse
 
 import torch
+
+
+def how_decoded(base) -> str:
+    """How the last decoder ran its step (a failed compile or capture falls back quietly)."""
+    decs = list(base.model.__dict__.get("_nla_decoders", {}).values())
+    if not decs:
+        return "no decoder"
+    d = decs[-1]
+    return "eager (capture failed)" if d.graph is None else "CUDA graph, compiled" if d.compiled else "CUDA graph"
 
 
 def main():
@@ -42,12 +54,13 @@ def main():
     ap.add_argument("--plans", default="ckpt:16", help="comma-separated ckpt:M or full:M (see above)")
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--rollout-ab", action="store_true", help="then time the rollout with its step not compiled")
     a = ap.parse_args()
     base = random_base(a.shape, "cuda", torch.bfloat16, nf4=not a.no_nf4)
     weights_gb = torch.cuda.memory_allocated() / 1e9
     spec, head, opt_av, opt_ar = nla_on(base, SHAPES[a.shape][2], rank=a.rank, scale=150.0)
     vecs = torch.randn(a.acts, base.d_model, device="cuda").repeat_interleave(a.group, 0)
-    results = []
+    results, rollouts = [], []
     for plan in a.plans.split(","):
         kind, _, micro = plan.partition(":")
         if kind not in ("ckpt", "full") or not micro.isdigit() or int(micro) < 1:
@@ -76,12 +89,27 @@ def main():
                 opt_ar.zero_grad(set_to_none=True)
                 break
             n_tok = sum(len(s.ids) for s in samples)
+            if step == 0 and not results:
+                print(f"decode step: {how_decoded(base)}", flush=True)
             times.append((tr.s, tu.s))
             print(f"[{plan}] step {step}: {tr.s + tu.s:.2f}s (rollout {tr.s:.2f}s = {n_tok / tr.s:,.0f} tok/s, AR "
                   f"{m['ar_time']:.2f}s, GRPO {m['grpo_time']:.2f}s), {n_tok} explanation tokens, peak "
                   f"{torch.cuda.max_memory_allocated() / 1e9:.2f} GB", flush=True)
         if times:  # the first step of the first plan captures the decode graph
             results.append((plan, min(r + u for r, u in times[1:] or times), torch.cuda.max_memory_allocated() / 1e9))
+            rollouts.extend(r for r, _ in times[1:])
+    if a.rollout_ab and rollouts:
+        # the same rollout with the step captured but not compiled: what compiling it is worth here
+        os.environ["NLA_COMPILE_DECODE"] = "0"
+        secs = []
+        for step in range(2):
+            g = torch.Generator(device="cuda").manual_seed(step)
+            with Timer(base.device) as tr:
+                samples = generate(base, spec, vecs, a.max_new, 1.0, generator=g)
+            secs.append(tr.s)
+        n_tok = sum(len(s.ids) for s in samples)
+        print(f"rollout, step compiled: {min(rollouts):.2f}s ({n_tok / min(rollouts):,.0f} tok/s); step not compiled "
+              f"({how_decoded(base)}): {secs[-1]:.2f}s ({n_tok / secs[-1]:,.0f} tok/s)", flush=True)
     print(f"{base.name}: base weights {weights_gb:.2f} GB; adapters rank {a.rank} x 3 roles; "
           f"{a.acts} acts x G={a.group} x {a.max_new} tokens")
     for plan, best, peak in results:

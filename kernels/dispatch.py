@@ -6,20 +6,25 @@ under the interpreter (`TRITON_INTERPRET=1`), which is how CI checks parity with
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
 
-@functools.cache
+_HAS_TRITON: bool | None = None
+
+
 def has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # triton missing or broken: the torch path always works
-        return False
-    return True
+    # a plain global, not functools.cache: a compiled decode step traces this (dynamo warns on caches)
+    global _HAS_TRITON
+    if _HAS_TRITON is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+            _HAS_TRITON = True
+        except Exception:  # triton missing or broken: the torch path always works
+            _HAS_TRITON = False
+    return _HAS_TRITON
 
 
 def interpreting() -> bool:

@@ -22,15 +22,20 @@ from .dispatch import backend, empty, pow2
 MAX_ROWS = 64  # above a decode batch, re-reading the weight per row tile loses to dequantise-once
 
 
+def servable(module) -> bool:
+    """Is `module` a bitsandbytes Linear4bit whose weight this kernel reads (nf4, 2-D, whole blocks per row)?"""
+    qs = getattr(getattr(module, "weight", None), "quant_state", None)
+    return (qs is not None and qs.quant_type == "nf4" and len(qs.shape) == 2
+            and qs.shape[1] % qs.blocksize == 0 and qs.shape[1] % 2 == 0)
+
+
 def prepare(module) -> tuple | None:
     """(packed [N*K/2] uint8, absmax [N*K/blocksize] fp32, code [16] fp32, N, K, blocksize) of a
     bitsandbytes Linear4bit with an nf4 weight, or None where this kernel does not apply."""
-    qs = getattr(getattr(module, "weight", None), "quant_state", None)
-    if qs is None or qs.quant_type != "nf4" or len(qs.shape) != 2:
+    if not servable(module):
         return None
+    qs = module.weight.quant_state
     N, K = qs.shape
-    if K % qs.blocksize or K % 2:
-        return None
     absmax = qs.absmax
     if qs.nested:
         from bitsandbytes.functional import dequantize_blockwise
@@ -111,21 +116,42 @@ def _splits(K: int, block_k: int, tiles: int, target: int = 264) -> int:
     return min(splits, key=lambda s: max(tiles * s / target, target / (tiles * s)))
 
 
-def nf4_linear_triton(x, packed, absmax, code, N, K, blocksize, bias=None):
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
-    M = x2.shape[0]
+def _plan(M: int, N: int, K: int, blocksize: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_K, split-K parts, row tiles) for an [M, K] x [N, K]^T product."""
     BLOCK_M = min(64, pow2(M))
-    BLOCK_N = 64
     BLOCK_K = max(blocksize, 128) if K % max(blocksize, 128) == 0 else blocksize
     n_tiles, m_tiles = -(-N // BLOCK_N), -(-M // BLOCK_M)
-    S = _splits(K, BLOCK_K, n_tiles * m_tiles)
+    return BLOCK_M, BLOCK_K, _splits(K, BLOCK_K, n_tiles * m_tiles), m_tiles
+
+
+BLOCK_N = 64
+
+
+@torch.library.custom_op("nla::nf4_partials", mutates_args=())
+def nf4_partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                 N: int, K: int, blocksize: int) -> torch.Tensor:
+    """The kernel's fp32 split-K partial products [S, M, N] of x [M, K]. A torch op, so that
+    torch.compile takes the decode step of a 4-bit base whole (the kernel is opaque to it; the sum
+    of the partials, the bias and the cast after it are fused with their neighbours)."""
+    M = x.shape[0]
+    BLOCK_M, BLOCK_K, S, m_tiles = _plan(M, N, K, blocksize)
     part = empty((S, M, N), torch.float32, x.device)
     if M:
-        _k()[(n_tiles, S, m_tiles)](
-            x2, packed, absmax, code, part, M, N, K, K // S, *x2.stride(), BS=blocksize,
+        _k()[(-(-N // BLOCK_N), S, m_tiles)](
+            x, packed, absmax, code, part, M, N, K, K // S, *x.stride(), BS=blocksize,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, IEEE=x.dtype == torch.float32, num_warps=4)
-    out = part[0] if S == 1 else part.sum(0)
+    return part
+
+
+@nf4_partials.register_fake
+def _(x, packed, absmax, code, N, K, blocksize):
+    return x.new_empty((_plan(x.shape[0], N, K, blocksize)[2], x.shape[0], N), dtype=torch.float32)
+
+
+def nf4_linear_triton(x, packed, absmax, code, N, K, blocksize, bias=None):
+    lead = x.shape[:-1]
+    part = torch.ops.nla.nf4_partials(x.reshape(-1, K), packed, absmax, code, N, K, blocksize)
+    out = part[0] if part.shape[0] == 1 else part.sum(0)
     if bias is not None:  # added before the one rounding, as a GEMM's epilogue does
         out = out + bias.float()
     return out.to(x.dtype).reshape(*lead, N)

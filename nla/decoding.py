@@ -19,8 +19,9 @@ comparison, or if a capture ever misbehaves: a failed capture falls back to eage
 On CUDA the step is also compiled with torch.compile before it is captured: Inductor fuses the
 ~75 small kernels per block (norms, rotary, LoRA adds) that a graph still launches one by one
 (measured on an H200, 1.5B shape, batch 64: 6.1k -> 9.9k tokens/s), at the price of one compile
-per (batch, length) shape, so it is on by default for full-precision bases and off for 4-bit ones
-(bitsandbytes ops are not known to compile); `NLA_COMPILE_DECODE=0|1` overrides. A failed compile
+per (batch, length) shape. A 4-bit base compiles too when every quantised weight of the step
+goes through kernels.nf4 (a torch op; bitsandbytes' own ops are not known to compile);
+`NLA_COMPILE_DECODE=0|1` overrides. A failed compile
 falls back to the graph alone, a failed capture to eager.
 
 The decode step's attention reads the cache once per key/value head (`packed_gqa`): Hugging Face's
@@ -131,15 +132,30 @@ def _graphs_wanted(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("NLA_CUDA_GRAPH", "1") != "0"
 
 
-def _quantised(model) -> bool:
-    return any("4bit" in type(m).__name__ or "8bit" in type(m).__name__ for m in model.modules())
+def _quantised(m) -> bool:
+    return "4bit" in type(m).__name__ or "8bit" in type(m).__name__
 
 
-def _compile_wanted(model, device: torch.device) -> bool:
+def _all_nf4_kernel(model, n: int, dtype: torch.dtype) -> bool:
+    """Does a decode step of n rows read every quantised weight through kernels.nf4 (a torch op,
+    which compiles) and none through bitsandbytes (whose ops are not known to)? So: every
+    quantised module is an adapted projection in nf4, the rows fit the kernel, and sampling runs
+    in a low-precision dtype (lora.inference_weights: an fp32 base samples through the plain path)."""
+    import kernels
+    from .lora import LoRALinear
+    served = {id(m.base) for m in model.modules() if isinstance(m, LoRALinear) and kernels.nf4.servable(m.base)}
+    return (dtype != torch.float32 and n <= kernels.nf4.MAX_ROWS
+            and kernels.backend(model.get_input_embeddings().weight) == "triton"
+            and all(id(m) in served for m in model.modules() if _quantised(m)))
+
+
+def _compile_wanted(model, device: torch.device, n: int, dtype: torch.dtype) -> bool:
     if not _graphs_wanted(device):
         return False
     forced = os.environ.get("NLA_COMPILE_DECODE", "")
-    return forced == "1" if forced in ("0", "1") else not _quantised(model)
+    if forced in ("0", "1"):
+        return forced == "1"
+    return not any(_quantised(m) for m in model.modules()) or _all_nf4_kernel(model, n, dtype)
 
 
 class Decoder:
@@ -157,7 +173,7 @@ class Decoder:
         self.pos = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         self.graph, self.logits = None, None
         self.use_graph = _graphs_wanted(self.device)
-        self.compiled = _compile_wanted(model, self.device)
+        self.compiled = _compile_wanted(model, self.device, n, self.dtype)
 
     @classmethod
     def of(cls, model, n: int, max_len: int, role) -> "Decoder":
