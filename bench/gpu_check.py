@@ -41,20 +41,21 @@ RANDOM_MODEL = "/tmp/nla-gpu-check/random-smollm2"
 # (name, cap in seconds, command, what to quote in the summary)
 STAGES = [
     ("parity", 90, f"{PY} -m pytest -q -p no:cacheprovider -m 'gpu or not slow' tests/test_kernels.py tests/test_decoding.py "
-                   f"tests/test_shared_prefix.py",
+                   f"tests/test_shared_prefix.py tests/test_ref_in_rollout.py::test_twins_on_cuda_with_a_4bit_base",
      r"passed|failed|error"),
     ("kernels", 45, f"{PY} bench/kernels.py --quick", r"target|MISSED|met|speed-up|x$"),
     ("rl-smol", 40, f"{PY} bench/rl_step.py --shape smollm2 --acts 8 --group 8 --max-new 64 --steps 2 --loops ours,ours-adapters,reference",
      r"roofline|ours|old eager|torch |triton |failed"),
     # (the graph-only loop "ours" was measured on an H200: 0.825 s; its place goes to the memory stage)
-    ("rl-1.5b", 230, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 2 --rank 64 "
+    ("rl-1.5b", 220, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 2 --rank 64 "
                      f"--micro 32 --loops ours-compiled,ours-compiled-unfused,reference,hf --profile-decode",
      r"roofline|ours|old eager|HF generate|torch |triton |failed|peak|^prof "),
     # the 7B step with checkpointing (micro 16), and without it (micro-batches of 4 rows; 8 would need
     # ~7 GB more than checkpointing's 14 GB), its decode step compiled (a cold 7B build ~70 s, a compile
-    # perhaps 40-60 s), then the rollout with the step not compiled
-    ("memory", 190, f"{PY} bench/memory.py --steps 2 --plans ckpt:16,full:4 --rollout-ab",
-     r"RL step|peak GPU|step \d|out of|decode step|rollout,"),
+    # perhaps 40-60 s) with the reference's twins, then the rollout not compiled with twins and
+    # without, and the update with the reference forward
+    ("memory", 200, f"{PY} bench/memory.py --steps 2 --plans ckpt:16,full:4 --rollout-ab",
+     r"RL step|peak GPU|step \d|out of|decode step|rollout|reference forward"),
     ("nf4", 30, f"{PY} bench/kernels.py --quick --only nf4", r"copy bandwidth|x \d+ x"),
     # diagnosis, on request: the compiled decode step's kernels, and the update per kernel mode
     # with the modes' order reversed (is the Triton mode's slower AR phase kernels or warm-up?)

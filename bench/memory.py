@@ -17,7 +17,9 @@ recomputes every block in backward (gradient checkpointing) with micro-batches o
 stores the activations of M rows (one forward fewer per backward, if they fit in memory). Each
 plan's peak is measured from its own start. The rollouts run as training runs them: on a 4-bit base
 the decode step is compiled when every quantised weight goes through kernels.nf4 (nla/decoding.py);
-`--rollout-ab` then times the same rollout with the step captured but not compiled.
+The reference's log-probs come from the rollout where that pays (grpo.ref_in_rollout: twins of
+the policy's rows). `--rollout-ab` then times the rollout with the step captured but not compiled,
+with twins and without, and the last plan's update when it must run the reference forward.
 """
 import os
 import sys
@@ -38,13 +40,17 @@ def how_decoded(base) -> str:
     return "eager (capture failed)" if d.graph is None else "CUDA graph, compiled" if d.compiled else "CUDA graph"
 
 
+def twins(base, rows: int) -> str:
+    from nla.grpo import ref_in_rollout
+    return "in the rollout (twins)" if ref_in_rollout(base, rows) else "its own forward in the update"
+
+
 def main():
     if not torch.cuda.is_available():
         sys.exit("bench/memory.py needs a CUDA GPU (it measures GPU memory)")
     from bench.common import SHAPES, Timer, nla_on, random_base
     from nla import lora
-    from nla.grpo import update
-    from nla.verbalizer import generate
+    from nla.grpo import rollout, update
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen2.5-7b", choices=list(SHAPES))
     ap.add_argument("--no-nf4", action="store_true")
@@ -54,7 +60,7 @@ def main():
     ap.add_argument("--plans", default="ckpt:16", help="comma-separated ckpt:M or full:M (see above)")
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--rollout-ab", action="store_true", help="then time the rollout with its step not compiled")
+    ap.add_argument("--rollout-ab", action="store_true", help="then the rollout not compiled, with twins and without")
     a = ap.parse_args()
     base = random_base(a.shape, "cuda", torch.bfloat16, nf4=not a.no_nf4)
     weights_gb = torch.cuda.memory_allocated() / 1e9
@@ -73,11 +79,11 @@ def main():
             base.model.train()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        times = []
+        times, grpo_times = [], []
         for step in range(a.steps):
             g = torch.Generator(device="cuda").manual_seed(step)
             with Timer(base.device) as tr:
-                samples = generate(base, spec, vecs, a.max_new, 1.0, generator=g)
+                samples = rollout(base, spec, vecs, a.max_new, 1.0, g)
             for s in samples:
                 s.ok = True  # the worst case: the AR reads every explanation
             try:
@@ -90,8 +96,9 @@ def main():
                 break
             n_tok = sum(len(s.ids) for s in samples)
             if step == 0 and not results:
-                print(f"decode step: {how_decoded(base)}", flush=True)
+                print(f"decode step: {how_decoded(base)}; KL reference: {twins(base, len(vecs))}", flush=True)
             times.append((tr.s, tu.s))
+            grpo_times.append(m["grpo_time"])
             print(f"[{plan}] step {step}: {tr.s + tu.s:.2f}s (rollout {tr.s:.2f}s = {n_tok / tr.s:,.0f} tok/s, AR "
                   f"{m['ar_time']:.2f}s, GRPO {m['grpo_time']:.2f}s), {n_tok} explanation tokens, peak "
                   f"{torch.cuda.max_memory_allocated() / 1e9:.2f} GB", flush=True)
@@ -99,17 +106,26 @@ def main():
             results.append((plan, min(r + u for r, u in times[1:] or times), torch.cuda.max_memory_allocated() / 1e9))
             rollouts.extend(r for r, _ in times[1:])
     if a.rollout_ab and rollouts:
-        # the same rollout with the step captured but not compiled: what compiling it is worth here
+        # what the defaults are worth here: the rollout with its step captured but not compiled, with
+        # and without the reference's twins, and the update that then runs the reference forward
+        print(f"rollout as above ({how_decoded(base)}, {twins(base, len(vecs))}): best {min(rollouts):.2f}s", flush=True)
         os.environ["NLA_COMPILE_DECODE"] = "0"
-        secs = []
-        for step in range(2):
-            g = torch.Generator(device="cuda").manual_seed(step)
-            with Timer(base.device) as tr:
-                samples = generate(base, spec, vecs, a.max_new, 1.0, generator=g)
-            secs.append(tr.s)
-        n_tok = sum(len(s.ids) for s in samples)
-        print(f"rollout, step compiled: {min(rollouts):.2f}s ({n_tok / min(rollouts):,.0f} tok/s); step not compiled "
-              f"({how_decoded(base)}): {secs[-1]:.2f}s ({n_tok / secs[-1]:,.0f} tok/s)", flush=True)
+        for flag in ("1", "0"):
+            os.environ["NLA_REF_IN_ROLLOUT"] = flag
+            secs = []
+            for step in range(2):
+                g = torch.Generator(device="cuda").manual_seed(step)
+                with Timer(base.device) as tr:
+                    samples = rollout(base, spec, vecs, a.max_new, 1.0, g)
+                secs.append(tr.s)
+            print(f"rollout, {how_decoded(base)}, {twins(base, len(vecs))}: {secs[-1]:.2f}s", flush=True)
+        for s in samples:
+            s.ok = True
+        if grpo_times:  # the last plan ran: its update once more, now with the reference forward
+            with Timer(base.device) as tu:
+                m = update(base, spec, head, vecs, samples, opt_av, opt_ar, a.group, 0.01, 0.2, micro=micro)
+            print(f"[{plan}] update with the reference forward: {tu.s:.2f}s (AR {m['ar_time']:.2f}s, GRPO "
+                  f"{m['grpo_time']:.2f}s; with the twins' log-probs, above: GRPO {min(grpo_times):.2f}s)", flush=True)
     print(f"{base.name}: base weights {weights_gb:.2f} GB; adapters rank {a.rank} x 3 roles; "
           f"{a.acts} acts x G={a.group} x {a.max_new} tokens")
     for plan, best, peak in results:

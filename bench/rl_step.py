@@ -32,7 +32,7 @@ import torch
 
 from bench.common import SHAPES, Timer, copy_bandwidth, nla_on, random_base, weight_bytes
 from nla import lora
-from nla.grpo import update
+from nla.grpo import rollout, update
 from nla.inject import injected
 from nla.models import load_base, residual
 from nla.verbalizer import _prompt, generate, generate_reference
@@ -177,7 +177,7 @@ def main():
             os.environ["NLA_KERNELS"] = mode
             g = torch.Generator(device=dev).manual_seed(step)
             with Timer(dev) as tg:
-                samples = generate(base, spec, vecs, a.max_new, 1.0, generator=g)
+                samples = rollout(base, spec, vecs, a.max_new, 1.0, g)  # as training does it
             for s in samples:
                 s.ok = True  # the worst case for the update: every explanation goes through the AR
             with Timer(dev) as tu:

@@ -19,7 +19,8 @@ import torch
 
 from .dispatch import backend, empty, pow2
 
-MAX_ROWS = 64  # above a decode batch, re-reading the weight per row tile loses to dequantise-once
+MAX_ROWS = 128  # a decode batch, or one with its KL reference's rows (lora.side_by_side); above it,
+# dequantising per row tile loses to bitsandbytes' dequantise-once
 
 
 def servable(module) -> bool:
@@ -79,7 +80,9 @@ def _k():
         def kernel(X, P, A, C, OUT, M, N, K, k_split, s_xm, s_xk,
                    BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    IEEE: tl.constexpr):
-            pid_n, pid_s, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+            # row tiles vary fastest: programs that read the same weight tile run together, and the
+            # second read comes from L2
+            pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
             rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
             rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # int64: N*K passes 2^31 at 7B+
             mm, mn = rm < M, rn < N
@@ -137,7 +140,7 @@ def nf4_partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, co
     BLOCK_M, BLOCK_K, S, m_tiles = _plan(M, N, K, blocksize)
     part = empty((S, M, N), torch.float32, x.device)
     if M:
-        _k()[(-(-N // BLOCK_N), S, m_tiles)](
+        _k()[(m_tiles, -(-N // BLOCK_N), S)](
             x, packed, absmax, code, part, M, N, K, K // S, *x.stride(), BS=blocksize,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, IEEE=x.dtype == torch.float32, num_warps=4)
     return part

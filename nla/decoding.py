@@ -21,8 +21,12 @@ On CUDA the step is also compiled with torch.compile before it is captured: Indu
 (measured on an H200, 1.5B shape, batch 64: 6.1k -> 9.9k tokens/s), at the price of one compile
 per (batch, length) shape. A 4-bit base compiles too when every quantised weight of the step
 goes through kernels.nf4 (a torch op; bitsandbytes' own ops are not known to compile);
-`NLA_COMPILE_DECODE=0|1` overrides. A failed compile
-falls back to the graph alone, a failed capture to eager.
+`NLA_COMPILE_DECODE=0|1` overrides. A failed compile falls back to the graph alone, a failed
+capture to eager.
+
+In RL on an unmerged (4-bit) base, each row may have a twin under the KL reference's adapter
+(lora.side_by_side, verbalizer.generate's ref_role): the decoder then holds 2n rows, the
+policy's first.
 
 The decode step's attention reads the cache once per key/value head (`packed_gqa`): Hugging Face's
 SDPA path, when compiled or given a mask, first copies every key/value head once per query head
@@ -196,15 +200,17 @@ class Decoder:
     def _forward(self, **kw) -> torch.Tensor:
         return self.model(**kw, **{self.kw: self.cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
 
-    def prefill(self, prompts: SharedPrefix, index: torch.Tensor) -> None:
+    def prefill(self, prompts: SharedPrefix | list[SharedPrefix], index: torch.Tensor) -> None:
         """Start every row's cache with its prompt: `prompts` holds the keys and values of the
         distinct ones (each ran once: a GRPO group's G rows share one, and on a CPU the prompts'
-        forward was ~30% of a rollout), and row i starts with prompt index[i]. Written through
-        the cache's own update."""
+        forward was ~30% of a rollout), and row i starts with prompt index[i]. Several levels (one
+        per role of lora.side_by_side) fill consecutive blocks of rows. Written through the
+        cache's own update."""
+        levels = prompts if isinstance(prompts, (list, tuple)) else [prompts]
         self.cache.reset()
-        self.pos.fill_(prompts.P)
-        for i, (k, v) in sorted(prompts.kv.items()):
-            self.cache.update(k.index_select(0, index), v.index_select(0, index), i)
+        self.pos.fill_(levels[0].P)
+        for i in sorted(levels[0].kv):
+            self.cache.update(*(torch.cat([lv.kv[i][j].index_select(0, index) for lv in levels]) for j in (0, 1)), i)
 
     def step(self, nxt: torch.Tensor) -> torch.Tensor:
         """Logits after appending token `nxt` [n] to every row."""

@@ -5,16 +5,20 @@
        and are not fed to the AR.
     3. One regression step on the AR with these explanations (a frozen AR gets gamed).
     4. One GRPO step on the AV: group-standardised advantages, clipped ratio, KL to the
-       frozen warm-start AV ("ref"), token-level averaging over the global batch.
+       frozen warm-start AV ("ref"; its log-probs taken in the rollout where that pays:
+       ref_in_rollout), token-level averaging over the global batch.
 With one update per batch the ratio is exactly 1 (the clip is inert); it is kept so that
 more epochs per batch would be correct. A group's G rows share their prompt's forward (in the
 rollout and in both log-prob passes: nla/shared_prefix.py), so micro-batches hold whole groups.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import torch
+
+import kernels
 
 from . import dist, lora
 from .reconstructor import reconstruct
@@ -26,8 +30,27 @@ def rl_step(base, spec, head, vectors, opt_av, opt_ar, G: int, max_new: int, tem
             kl_coef: float = 0.01, clip_eps: float = 0.2, generator=None, micro: int = 0) -> dict:
     t0 = time.time()
     vecs = vectors.repeat_interleave(G, 0).to(base.device)  # this rank's activations, G rows each
-    samples = generate(base, spec, vecs, max_new, temperature, generator=generator)
+    samples = rollout(base, spec, vecs, max_new, temperature, generator, kl_coef)
     return update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps, t0, micro)
+
+
+def ref_in_rollout(base, rows: int) -> bool:
+    """Take the KL reference's log-probs from the rollout (verbalizer.generate's ref_role)? Where
+    a decode step reads unmerged weights, a 4-bit base's above all, the reference's rows ride
+    along for the price of their adapters and cache, and the update saves a forward of every
+    token (one of the GRPO phase's three or four). Not where sampling merges the adapters (two
+    roles would read two merged copies: twice a step), nor on a CPU (compute-bound: no gain).
+    NLA_REF_IN_ROLLOUT=0|1 overrides."""
+    forced = os.environ.get("NLA_REF_IN_ROLLOUT", "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return base.device.type == "cuda" and not lora.merge_wanted(base.model) and 2 * rows <= kernels.nf4.MAX_ROWS
+
+
+def rollout(base, spec, vecs, max_new: int, temperature: float = 1.0, generator=None, kl_coef: float = 0.01) -> list:
+    """The AV's samples for an RL step, with the reference's log-probs where that pays (ref_in_rollout)."""
+    ref = "ref" if kl_coef > 0 and ref_in_rollout(base, len(vecs)) else None
+    return generate(base, spec, vecs, max_new, temperature, generator=generator, ref_role=ref)
 
 
 def _chunks(n: int, micro: int, G: int = 1) -> list[slice]:
@@ -78,8 +101,12 @@ def update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps
     for c in _chunks(len(samples), micro, G):
         ids = [s.ids for s in samples[c]]
         lp, mask = response_logprobs(base, spec, vecs[c], ids, "av")
-        with torch.no_grad():
-            ref, _ = response_logprobs(base, spec, vecs[c], ids, "ref")
+        if all(s.ref_lp is not None for s in samples[c]):  # taken in the rollout
+            ref = torch.nn.utils.rnn.pad_sequence([s.ref_lp for s in samples[c]], batch_first=True)
+            ref = ref[:, :lp.shape[1]].to(lp.device)
+        else:
+            with torch.no_grad():
+                ref, _ = response_logprobs(base, spec, vecs[c], ids, "ref")
         ratio = torch.exp(lp - lp.detach())  # old policy = the sampling policy: one update per batch
         adv = stats.advantage[c].to(lp.device)[:, None]
         pg = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)

@@ -39,6 +39,7 @@ class _Switch:
     active: str | None = None
     add: tuple | None = None
     fast: bool = False  # sampling: merged weights or compute-dtype adapter copies (see inference_weights)
+    pair: torch.Tensor | None = None  # two roles' rows side by side (see side_by_side): their column mask
 
     def snapshot(self) -> tuple:
         return self.active, self.add
@@ -77,9 +78,14 @@ class LoRALinear(nn.Module):
         self.group: _Group | None = None  # siblings reading the same input, merged into one buffer
         self.span = (0, 0)  # this projection's rows in the group's buffer
         self.nf4: tuple | None = None  # a 4-bit base's weight as the decode kernel reads it (kernels.nf4)
+        self.paired: tuple | None = None  # (A, B) of two roles side by side, for side_by_side
 
     def forward(self, x):
         sw = self.switch
+        if sw.pair is not None:  # rows of two roles: one base product, both adapters, each row its own
+            y = kernels.nf4_linear(x, self.base, self.nf4) if self.nf4 else self.base(x)
+            A, B = self.paired
+            return _plus_low_rank(y, (x @ A.t()) * sw.pair, B)
         if sw.fast and self.merged is not None and self.merged_role == sw.active and self.merged.dtype == x.dtype:
             g = self.group
             if g is not None and g.live and g.members[0] is self:  # the first sibling computes them all
@@ -254,6 +260,43 @@ def inference_weights(model: nn.Module, role: str | None, dtype: torch.dtype):
         sw.fast = prev
         for g in groups:
             g.x = g.z = None  # no activations held between rollouts
+
+
+@contextlib.contextmanager
+def side_by_side(model: nn.Module, roles: tuple[str, str], n: int, dtype: torch.dtype):
+    """Rows [0, n) of every forward run adapter roles[0], rows [n, 2n) roles[1]: one read of the
+    base's weights serves both. For a decode step on an unmerged base (4-bit), where reading the
+    weights is the cost, so the rows of the KL reference ride along with the policy's
+    (verbalizer.generate's ref_role). Each projection's two adapters are one rank-(r0 + r1) pair
+    and a [2n, 1, r0 + r1] mask keeps each row's own: scale on its columns, zero on the other's.
+    All in the compute dtype (no casts per token), kept between calls and refreshed in place, so
+    a CUDA graph captured over them sees each refresh."""
+    sw, mods = switch_of(model), _wrapped(model)
+    if not mods:
+        raise RuntimeError("no adapters attached")
+    with torch.no_grad():
+        for _, m in mods:
+            a, b = (m.adapters[r] for r in roles)
+            ra, rb = a.A.shape[0], b.A.shape[0]
+            if m.paired is None or (m.paired[0].shape[0], m.paired[0].dtype, m.paired[0].device) != (ra + rb, dtype, a.A.device):
+                m.paired = (a.A.new_empty((ra + rb, m.in_features), dtype=dtype),
+                            a.B.new_empty((m.out_features, ra + rb), dtype=dtype))
+            m.paired[0][:ra].copy_(a.A), m.paired[0][ra:].copy_(b.A)
+            m.paired[1][:, :ra].copy_(a.B), m.paired[1][:, ra:].copy_(b.B)
+            if m.nf4 is None:  # the base is frozen: its scales are unpacked once
+                m.nf4 = kernels.nf4_prepare(m.base) or ()
+        mask = torch.zeros((2 * n, 1, ra + rb), device=a.A.device, dtype=dtype)
+        mask[:n, :, :ra], mask[n:, :, ra:] = a.scale, b.scale
+    key = (n, ra, rb, dtype, mask.device)
+    if getattr(model, "_nla_pair_mask", (None,))[0] != key:  # one tensor per shape: a graph reads it
+        model._nla_pair_mask = (key, mask)
+    else:
+        model._nla_pair_mask[1].copy_(mask)
+    prev, sw.pair = sw.pair, model._nla_pair_mask[1]
+    try:
+        yield
+    finally:
+        sw.pair = prev
 
 
 def _replaying(model: nn.Module):

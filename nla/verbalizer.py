@@ -10,8 +10,8 @@ the [tokens, vocab] fp32 log-softmax.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
-
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +33,7 @@ class Sample:
     ids: list          # response token ids (including the closing tag when ok)
     text: str          # the explanation, without tags
     ok: bool           # closed within the cap
+    ref_lp: torch.Tensor | None = None  # [len(ids)] log-probs under generate's ref_role, if asked
 
 
 def _prompt(spec: NLASpec, n: int, device) -> torch.Tensor:
@@ -62,33 +63,55 @@ def _stop_ids(tok) -> set:
 
 @torch.no_grad()
 def generate(base, spec: NLASpec, vectors: torch.Tensor, max_new: int = 64, temperature: float = 1.0,
-             role: str = "av", generator: torch.Generator | None = None) -> list[Sample]:
+             role: str = "av", generator: torch.Generator | None = None, ref_role: str | None = None) -> list[Sample]:
     """Explanations of `vectors` (greedy when temperature is 0). Every row samples at every step
     until all have stopped, so the random stream, and hence each row, is the same whatever the
-    others do: the samples equal generate_reference's for the same seed (tested)."""
+    others do: the samples equal generate_reference's for the same seed (tested).
+
+    With `ref_role`, each row has a twin under that adapter, fed the same tokens in the same
+    forward (lora.side_by_side), and each sample carries its tokens' log-probs under it (`ref_lp`):
+    GRPO's KL reference without a forward of its own, where weights are read per step anyway."""
     model, tok = base.model, base.tokenizer
     n = vectors.shape[0]
     ids = _prompt(spec, n, base.device)
     P = ids.shape[1]
     stops = StopDetector.of(tok, _stop_ids(tok), CLOSE, base.device)
     out = torch.empty((n, max_new), dtype=torch.long, device=base.device)
+    ref_lp = None if ref_role is None else torch.zeros((n, max_new), device=base.device)
     was_training = model.training
     model.eval()  # HF turns the KV cache off under gradient checkpointing in train mode
     try:
-        dec = Decoder.of(model, n, P + max_new, role)
-        with lora.use(model, role), lora.inference_weights(model, role, dec.dtype):
-            uniq, index = distinct_rows(vectors.to(base.device))
-            level, first = _prompts(model, model, spec, uniq, logits_to_keep=1)
-            dec.prefill(level, index)
-            logits = first.logits[:, -1].index_select(0, index)
+        roles = (role,) if ref_role is None else (role, ref_role)
+        dec = Decoder.of(model, n * len(roles), P + max_new, role if ref_role is None else roles)
+        uniq, index = distinct_rows(vectors.to(base.device))
+        with contextlib.ExitStack() as ctx:
+            levels, logits = [], []
+            for r in roles:
+                with lora.use(model, r):
+                    if ref_role is None:  # sampling weights for the prompts and every step
+                        ctx.enter_context(lora.inference_weights(model, role, dec.dtype))
+                    level, first = _prompts(model, model, spec, uniq, logits_to_keep=1)
+                levels.append(level)
+                logits.append(first.logits[:, -1].index_select(0, index))
+            dec.prefill(levels, index)
+            logits = torch.cat(logits)
+            ctx.enter_context(lora.use(model, role))
+            if ref_role is not None:
+                ctx.enter_context(lora.side_by_side(model, roles, n, dec.dtype))
             for step in range(max_new):
-                out[:, step] = nxt = pick(logits, temperature, generator)
+                out[:, step] = nxt = pick(logits[:n], temperature, generator)
+                if ref_lp is not None:  # the twin's log-prob of the token its policy row drew
+                    ref_lp[:, step] = torch.log_softmax(logits[n:], -1, dtype=torch.float32).gather(1, nxt[:, None])[:, 0]
                 if step + 1 == max_new or ((step + 1) % CHECK_EVERY == 0 and stops.all_stopped(out[:, :step + 1])):
                     break
-                logits = dec.step(nxt)
+                logits = dec.step(nxt.repeat(len(roles)))
     finally:
         model.train(was_training)
-    return [_finish(tok, r) for r in out[:, :step + 1].tolist()]
+    samples = [_finish(tok, r) for r in out[:, :step + 1].tolist()]
+    if ref_lp is not None:
+        for s, lp in zip(samples, ref_lp):
+            s.ref_lp = lp[:len(s.ids)]
+    return samples
 
 
 def _finish(tok, row: list[int]) -> Sample:

@@ -345,7 +345,7 @@ NF4_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [
 
 @needs_triton
 @pytest.mark.parametrize("dtype", NF4_DTYPES)
-@pytest.mark.parametrize("M,N,K", [(1, 80, 128), (5, 33, 192), (17, 96, 256), (64, 70, 384)])
+@pytest.mark.parametrize("M,N,K", [(1, 80, 128), (5, 33, 192), (17, 96, 256), (64, 70, 384), (100, 40, 128)])
 def test_nf4_linear(dtype, M, N, K):
     q = _nf4_linear(N, K, True, dtype, DEV, seed=M)
     p = kernels.nf4_prepare(q)

@@ -84,9 +84,9 @@ def test_sampling_through_the_nf4_decode_kernel(tiny_path, monkeypatch, av_on, c
         monkeypatch.setenv("NLA_KERNELS", impl)
         q.model.__dict__.pop("_nla_decoders", None)
         out[impl] = [s.ids for s in generate(q, spec, v, 8, 0.0)]
-    # every projection of the 7 decode steps, and of the prompts' common tokens (one row of 41 <= 64
-    # rows); not of the per-vector part (2 x 35 rows)
-    assert len(calls) == 7 * q.n_layers * (7 + 1)
+    # every projection of the 7 decode steps and of both prompt levels (41 common tokens, then 2 x 35
+    # rows, each <= nf4.MAX_ROWS)
+    assert len(calls) == 7 * q.n_layers * (7 + 2)
     assert out["triton"] == out["torch"]
 
 
@@ -97,6 +97,7 @@ def test_4bit_decode_step_compiles_whole(tiny_path, monkeypatch, av_on):
     from kernels.dispatch import interpreting
     if not interpreting():
         pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    import kernels.nf4 as nf4
     from nla import lora
     from nla.decoding import Decoder, _all_nf4_kernel, packed_gqa
     from nla.shared_prefix import SharedPrefix
@@ -129,7 +130,7 @@ def test_4bit_decode_step_compiles_whole(tiny_path, monkeypatch, av_on):
     ops = [n for n in graphs[0].graph.nodes if n.op == "call_function" and "nf4_partials" in str(n.target)]
     assert len(ops) == 7 * q.n_layers
     assert _all_nf4_kernel(m, 3, torch.float16)
-    assert not _all_nf4_kernel(m, 65, torch.float16)  # past the kernel's rows: bitsandbytes
+    assert not _all_nf4_kernel(m, nf4.MAX_ROWS + 1, torch.float16)  # past the kernel's rows: bitsandbytes
     assert not _all_nf4_kernel(m, 3, torch.float32)  # an fp32 base samples through the plain path
     monkeypatch.setenv("NLA_KERNELS", "torch")
     assert not _all_nf4_kernel(m, 3, torch.float16)
