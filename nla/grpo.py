@@ -40,6 +40,9 @@ def ref_in_rollout(base, rows: int) -> bool:
     along for the price of their adapters and cache, and the update saves a forward of every
     token (one of the GRPO phase's three or four). Not where sampling merges the adapters (two
     roles would read two merged copies: twice a step), nor on a CPU (compute-bound: no gain).
+    The twins' log-probs come from the decode step's kernels, which round differently from the
+    training forward's (~1e-2 in bf16), so the KL estimate gains a floor of rounding noise, the
+    same noise a sampler's log-probs carry in any RL library that reuses them.
     NLA_REF_IN_ROLLOUT=0|1 overrides."""
     forced = os.environ.get("NLA_REF_IN_ROLLOUT", "")
     if forced in ("0", "1"):
