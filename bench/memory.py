@@ -9,7 +9,7 @@ gradient checkpointing and micro-batches. Targets: peak <= 20 GB (a 24 GB card f
 whole step <= 4 s on one H100/H200. The reference trains this size on 16 x 80 GB GPUs.
 
     python bench/memory.py [--acts 8] [--group 8] [--max-new 150] [--plans ckpt:16,full:8] [--rollout-ab]
-                           [--shape qwen2.5-7b] [--no-nf4]
+                           [--shape qwen2.5-7b|tiny] [--no-nf4] [--device cpu]
 (the tokenizer: NLA_TOKENIZER, else the embedded SmolLM2's cache)
 
 --plans runs each way of fitting the update in one process, on the same model: `ckpt:M`
@@ -20,6 +20,8 @@ the decode step is compiled when every quantised weight goes through kernels.nf4
 The reference's log-probs come from the rollout where that pays (grpo.ref_in_rollout: twins of
 the policy's rows). `--rollout-ab` then times the rollout with the step captured but not compiled,
 with twins and without, and the last plan's update when it must run the reference forward.
+`--device cpu --shape tiny` runs all of that in seconds on a CPU (no memory figures): a check of
+the script itself before it spends a lent GPU's minutes (tests/test_gpu_path.py).
 """
 import os
 import sys
@@ -37,7 +39,9 @@ def how_decoded(base) -> str:
     if not decs:
         return "no decoder"
     d = decs[-1]
-    return "eager (capture failed)" if d.graph is None else "CUDA graph, compiled" if d.compiled else "CUDA graph"
+    if d.graph is None:
+        return "eager (capture failed)" if d.device.type == "cuda" else "eager (CPU)"
+    return "CUDA graph, compiled" if d.compiled else "CUDA graph"
 
 
 def twins(base, rows: int) -> str:
@@ -45,9 +49,11 @@ def twins(base, rows: int) -> str:
     return "in the rollout (twins)" if ref_in_rollout(base, rows) else "its own forward in the update"
 
 
+def peak_gb(dev) -> float:
+    return torch.cuda.max_memory_allocated() / 1e9 if dev.type == "cuda" else float("nan")
+
+
 def main():
-    if not torch.cuda.is_available():
-        sys.exit("bench/memory.py needs a CUDA GPU (it measures GPU memory)")
     from bench.common import SHAPES, Timer, nla_on, random_base
     from nla import lora
     from nla.grpo import rollout, update
@@ -61,11 +67,15 @@ def main():
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rollout-ab", action="store_true", help="then the rollout not compiled, with twins and without")
+    ap.add_argument("--device", default="cuda", help="cpu: the script's logic on a small --shape (fp32; no memory figures)")
     a = ap.parse_args()
-    base = random_base(a.shape, "cuda", torch.bfloat16, nf4=not a.no_nf4)
-    weights_gb = torch.cuda.memory_allocated() / 1e9
+    dev = torch.device(a.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench/memory.py needs a CUDA GPU (it measures GPU memory); --device cpu checks its logic only")
+    base = random_base(a.shape, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32, nf4=not a.no_nf4)
+    weights_gb = torch.cuda.memory_allocated() / 1e9 if dev.type == "cuda" else float("nan")
     spec, head, opt_av, opt_ar = nla_on(base, SHAPES[a.shape][2], rank=a.rank, scale=150.0)
-    vecs = torch.randn(a.acts, base.d_model, device="cuda").repeat_interleave(a.group, 0)
+    vecs = torch.randn(a.acts, base.d_model, device=dev).repeat_interleave(a.group, 0)
     results, rollouts = [], []
     for plan in a.plans.split(","):
         kind, _, micro = plan.partition(":")
@@ -77,11 +87,12 @@ def main():
         else:
             lora.disable_checkpointing(base.model)
             base.model.train()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         times, grpo_times = [], []
         for step in range(a.steps):
-            g = torch.Generator(device="cuda").manual_seed(step)
+            g = torch.Generator(device=dev).manual_seed(step)
             with Timer(base.device) as tr:
                 samples = rollout(base, spec, vecs, a.max_new, 1.0, g)
             for s in samples:
@@ -101,9 +112,9 @@ def main():
             grpo_times.append(m["grpo_time"])
             print(f"[{plan}] step {step}: {tr.s + tu.s:.2f}s (rollout {tr.s:.2f}s = {n_tok / tr.s:,.0f} tok/s, AR "
                   f"{m['ar_time']:.2f}s, GRPO {m['grpo_time']:.2f}s), {n_tok} explanation tokens, peak "
-                  f"{torch.cuda.max_memory_allocated() / 1e9:.2f} GB", flush=True)
+                  f"{peak_gb(dev):.2f} GB", flush=True)
         if times:  # the first step of the first plan captures the decode graph
-            results.append((plan, min(r + u for r, u in times[1:] or times), torch.cuda.max_memory_allocated() / 1e9))
+            results.append((plan, min(r + u for r, u in times[1:] or times), peak_gb(dev)))
             rollouts.extend(r for r, _ in times[1:])
     if a.rollout_ab and rollouts:
         # what the defaults are worth here: the rollout with its step captured but not compiled, with
@@ -114,7 +125,7 @@ def main():
             os.environ["NLA_REF_IN_ROLLOUT"] = flag
             secs = []
             for step in range(2):
-                g = torch.Generator(device="cuda").manual_seed(step)
+                g = torch.Generator(device=dev).manual_seed(step)
                 with Timer(base.device) as tr:
                     samples = rollout(base, spec, vecs, a.max_new, 1.0, g)
                 secs.append(tr.s)
@@ -129,8 +140,9 @@ def main():
     print(f"{base.name}: base weights {weights_gb:.2f} GB; adapters rank {a.rank} x 3 roles; "
           f"{a.acts} acts x G={a.group} x {a.max_new} tokens")
     for plan, best, peak in results:
-        print(f"[{plan}] RL step {best:.2f} s after warm-up (target <= 4 s: {'OK' if best <= 4 else 'OVER'}); peak GPU "
-              f"memory {peak:.2f} GB (target <= 20 GB: {'OK' if peak <= 20 else 'OVER'})")
+        mem = (f"peak GPU memory {peak:.2f} GB (target <= 20 GB: {'OK' if peak <= 20 else 'OVER'})"
+               if dev.type == "cuda" else "no memory figures on a CPU")
+        print(f"[{plan}] RL step {best:.2f} s after warm-up (target <= 4 s: {'OK' if best <= 4 else 'OVER'}); {mem}")
 
 
 if __name__ == "__main__":

@@ -88,3 +88,24 @@ def test_gpu_check_dry_run_prints_the_plan():
     assert total <= 540  # the default check fits a lent machine's 15 minutes with room to rerun a stage
     r = subprocess.run([sys.executable, "bench/gpu_check.py", "--dry-run", "--only", "memory"], capture_output=True, text=True)
     assert "1 stages" in r.stdout and "bench/memory.py" in r.stdout
+
+
+def test_memory_bench_logic_on_cpu(monkeypatch):
+    """bench/memory.py runs where the lent GPU's time is scarce: its logic (plans, the OOM guard's
+    surroundings, twins on and off, the A/B and the summary) runs here first, on a tiny nf4 shape."""
+    import subprocess
+    import sys
+    pytest.importorskip("bitsandbytes")
+    env = {**__import__("os").environ, "NLA_REF_IN_ROLLOUT": "1"}  # twins, as a 4-bit GPU base runs them
+    r = subprocess.run([sys.executable, "bench/memory.py", "--device", "cpu", "--shape", "tiny", "--acts", "2",
+                        "--group", "2", "--max-new", "6", "--steps", "2", "--plans", "ckpt:2,full:2", "--rollout-ab"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert "KL reference: in the rollout (twins)" in out
+    assert out.count("[ckpt:2] step") == 2 and out.count("[full:2] step") == 2
+    assert "its own forward in the update" in out and "update with the reference forward" in out
+    assert "[full:2] RL step" in out
+    r = subprocess.run([sys.executable, "bench/memory.py", "--device", "cpu", "--shape", "tiny", "--plans", "nope:2"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0 and "bad plan 'nope:2'" in r.stderr
