@@ -155,3 +155,26 @@ def weight_bytes(model, role: str | None = None) -> int:
         if "absmax" in n or "quant" in n:
             total += b.numel() * b.element_size()
     return total
+
+
+def profile_ops(what, fn, dev, rows, extra=lambda: ""):
+    """fn() under torch.profiler; its top ops by self time on the device (kernels replayed from a
+    CUDA graph are traced one by one)."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = dev.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize(dev)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    ev = prof.key_averages()
+    total = sum(getattr(e, key) for e in ev) or 1.0
+    note = extra()
+    print(f"\nprofile of {what}{' (' + note + ')' if note else ''}, top ops by self "
+          f"{'device' if cuda else 'CPU'} time (total {total / 1e6:.3f} s):", flush=True)
+    print(f"{'op':60} {'ms':>9} {'share':>6} {'calls':>6}")
+    for e in sorted(ev, key=lambda e: getattr(e, key), reverse=True)[:rows]:
+        t = getattr(e, key)
+        print(f"prof {e.key[:55]:55} {t / 1e3:9.1f} {t / total:6.1%} {e.count:6d}")
+    print(flush=True)

@@ -15,8 +15,9 @@ failure or hang does not eat the rest, and ends with a one-screen summary:
                checkpointing and without; its rollout with the decode step compiled and not
     nf4        bench/kernels.py --only nf4: the 4-bit decode matmul against bitsandbytes
     e2e        collect -> train --preset gpu (scaled down) -> explain -> eval on a random model
-    profile, memory-torch
-               diagnoses: the decode step's and the update's kernels, the 7B step with torch kernels
+    profile, memory-profile, memory-torch
+               diagnoses: the decode step's and the update's kernels at 1.5B, the 7B update's
+               kernels, the 7B step with torch kernels
 
     python bench/gpu_check.py [--out DIR] [--only STAGE,...|all] [--dry-run]
 
@@ -62,6 +63,9 @@ STAGES = [
     ("profile", 170, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 3 --rank 64 "
                      f"--micro 32 --loops ours-compiled --modes triton,torch --profile --profile-decode --profile-rows 30",
      r"roofline|ours|torch |triton |profile of"),
+    # where the 7B update's time goes (the AR phase took about as long as the GRPO phase)
+    ("memory-profile", 150, f"{PY} bench/memory.py --steps 2 --plans ckpt:16 --profile",
+     r"RL step|decode step|step \d|profile of|^prof "),
     ("memory-torch", 100, f"env NLA_KERNELS=torch {PY} bench/memory.py --steps 3", r"RL step|peak GPU|step \d"),
     ("e2e", 100, "bash -c " + shlex.quote(
         f"set -e; {PY} bench/gpu_check.py --make-random-model {RANDOM_MODEL}; D=/tmp/nla-gpu-check; "

@@ -21,7 +21,9 @@ The reference's log-probs come from the rollout where that pays (grpo.ref_in_rol
 the policy's rows). `--rollout-ab` then times the rollout with the step captured but not compiled,
 with twins and without, and the last plan's update when it must run the reference forward.
 `--device cpu --shape tiny` runs all of that in seconds on a CPU (no memory figures): a check of
-the script itself before it spends a lent GPU's minutes (tests/test_gpu_path.py).
+the script itself before it spends a lent GPU's minutes (tests/test_gpu_path.py). `--profile`
+prints the top device ops of one more update of the last plan (where does the AR phase's time go
+at 7B? It took about as long as the GRPO phase, which runs more layers and more passes).
 """
 import os
 import sys
@@ -54,9 +56,10 @@ def peak_gb(dev) -> float:
 
 
 def main():
-    from bench.common import SHAPES, Timer, nla_on, random_base
+    from bench.common import SHAPES, Timer, nla_on, profile_ops, random_base
     from nla import lora
     from nla.grpo import rollout, update
+    from nla.reconstructor import ar_inputs
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen2.5-7b", choices=list(SHAPES))
     ap.add_argument("--no-nf4", action="store_true")
@@ -67,6 +70,7 @@ def main():
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rollout-ab", action="store_true", help="then the rollout not compiled, with twins and without")
+    ap.add_argument("--profile", action="store_true", help="then profile one update of the last plan: its top ops")
     ap.add_argument("--device", default="cuda", help="cpu: the script's logic on a small --shape (fp32; no memory figures)")
     a = ap.parse_args()
     dev = torch.device(a.device)
@@ -107,7 +111,10 @@ def main():
                 break
             n_tok = sum(len(s.ids) for s in samples)
             if step == 0 and not results:
-                print(f"decode step: {how_decoded(base)}; KL reference: {twins(base, len(vecs))}", flush=True)
+                lens = ar_inputs(base.tokenizer, spec, [s.text for s in samples], "cpu")[1].float()
+                print(f"decode step: {how_decoded(base)}; KL reference: {twins(base, len(vecs))}; the AR reads "
+                      f"{lens.mean():.0f} tokens a row (max {lens.max():.0f}) after its {len(spec.ar_prefix_ids)}-token "
+                      f"prefix", flush=True)
             times.append((tr.s, tu.s))
             grpo_times.append(m["grpo_time"])
             print(f"[{plan}] step {step}: {tr.s + tu.s:.2f}s (rollout {tr.s:.2f}s = {n_tok / tr.s:,.0f} tok/s, AR "
@@ -137,6 +144,13 @@ def main():
                 m = update(base, spec, head, vecs, samples, opt_av, opt_ar, a.group, 0.01, 0.2, micro=micro)
             print(f"[{plan}] update with the reference forward: {tu.s:.2f}s (AR {m['ar_time']:.2f}s, GRPO "
                   f"{m['grpo_time']:.2f}s; with the twins' log-probs, above: GRPO {min(grpo_times):.2f}s)", flush=True)
+    if a.profile and results:
+        for s in samples:
+            s.ok = True
+        m = {}
+        profile_ops(f"one update, plan {plan}", lambda: m.update(update(
+            base, spec, head, vecs, samples, opt_av, opt_ar, a.group, 0.01, 0.2, micro=micro)), dev, 30,
+            lambda: f"AR {m['ar_time']:.3f} s, GRPO {m['grpo_time']:.3f} s under the profiler")
     print(f"{base.name}: base weights {weights_gb:.2f} GB; adapters rank {a.rank} x 3 roles; "
           f"{a.acts} acts x G={a.group} x {a.max_new} tokens")
     for plan, best, peak in results:

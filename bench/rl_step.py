@@ -30,7 +30,7 @@ import statistics
 
 import torch
 
-from bench.common import SHAPES, Timer, copy_bandwidth, nla_on, random_base, weight_bytes
+from bench.common import SHAPES, Timer, copy_bandwidth, nla_on, profile_ops, random_base, weight_bytes
 from nla import lora
 from nla.grpo import rollout, update
 from nla.inject import injected
@@ -215,29 +215,6 @@ def profile_update(base, spec, head, vecs, opt_av, opt_ar, a, dev, modes):
             update(base, spec, head, vecs, samples, opt_av, opt_ar, a.group, 0.01, 0.2, micro=a.micro)), dev,
             a.profile_rows, lambda: f"AR {m['ar_time']:.3f} s, GRPO {m['grpo_time']:.3f} s under the profiler")
     os.environ.pop("NLA_KERNELS", None)
-
-
-def profile_ops(what, fn, dev, rows, extra=lambda: ""):
-    """fn() under torch.profiler; its top ops by self time on the device (kernels replayed from a
-    CUDA graph are traced one by one)."""
-    from torch.profiler import ProfilerActivity, profile
-    cuda = dev.type == "cuda"
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
-        fn()
-        if cuda:
-            torch.cuda.synchronize(dev)
-    key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    ev = prof.key_averages()
-    total = sum(getattr(e, key) for e in ev) or 1.0
-    note = extra()
-    print(f"\nprofile of {what}{' (' + note + ')' if note else ''}, top ops by self "
-          f"{'device' if cuda else 'CPU'} time (total {total / 1e6:.3f} s):", flush=True)
-    print(f"{'op':60} {'ms':>9} {'share':>6} {'calls':>6}")
-    for e in sorted(ev, key=lambda e: getattr(e, key), reverse=True)[:rows]:
-        t = getattr(e, key)
-        print(f"prof {e.key[:55]:55} {t / 1e3:9.1f} {t / total:6.1%} {e.count:6d}")
-    print(flush=True)
 
 
 if __name__ == "__main__":
