@@ -65,6 +65,19 @@ def _chunks(n: int, micro: int, G: int = 1) -> list[slice]:
     return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 
+def _by_length(lengths: list[int], micro: int, G: int = 1) -> list[int]:
+    """The rows in chunk order: whole groups of G, longest group first when there is more than
+    one chunk, so that each chunk pads its rows to a length near their own (real explanations
+    vary: at the GPU preset's cap of 150, a chunk of random groups pads most rows to ~the cap).
+    One chunk keeps the sampled order."""
+    n = len(lengths)
+    if micro <= 0 or micro >= n:
+        return list(range(n))
+    groups = [list(range(i, min(n, i + G))) for i in range(0, n, G)]
+    groups.sort(key=lambda g: -max(lengths[i] for i in g))  # stable: ties keep the sampled order
+    return [i for g in groups for i in g]
+
+
 def _now(dev) -> float:
     if dev.type == "cuda":  # phase timings in the metrics; one sync per phase is noise next to a step
         torch.cuda.synchronize(dev)
@@ -84,8 +97,9 @@ def update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps
     ar_params = lora.params(base.model, "ar") + list(head.parameters())
     opt_ar.zero_grad(set_to_none=True)
     pred = torch.zeros_like(vecs, dtype=torch.float32)
+    good_order = [good[i] for i in _by_length([len(texts[j]) for j in good], micro)]  # characters: ~tokens
     for c in _chunks(len(good), micro):
-        rows = good[c]
+        rows = good_order[c]
         p = reconstruct(base, spec, head, [texts[i] for i in rows])
         (mse(p, vecs[rows]).sum() / n_good.clamp_min(1)).backward()
         pred[rows] = p.detach().float()
@@ -101,17 +115,20 @@ def update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps
     n_tok = dist.sum_(torch.tensor(float(sum(len(s.ids) for s in samples))))
     opt_av.zero_grad(set_to_none=True)
     kl_sum = 0.0
+    order = _by_length([len(s.ids) for s in samples], micro, G)
     for c in _chunks(len(samples), micro, G):
-        ids = [s.ids for s in samples[c]]
-        lp, mask = response_logprobs(base, spec, vecs[c], ids, "av")
-        if all(s.ref_lp is not None for s in samples[c]):  # taken in the rollout
-            ref = torch.nn.utils.rnn.pad_sequence([s.ref_lp for s in samples[c]], batch_first=True)
+        rows = order[c]
+        chunk = [samples[i] for i in rows]
+        ids = [s.ids for s in chunk]
+        lp, mask = response_logprobs(base, spec, vecs[rows], ids, "av")
+        if all(s.ref_lp is not None for s in chunk):  # taken in the rollout
+            ref = torch.nn.utils.rnn.pad_sequence([s.ref_lp for s in chunk], batch_first=True)
             ref = ref[:, :lp.shape[1]].to(lp.device)
         else:
             with torch.no_grad():
-                ref, _ = response_logprobs(base, spec, vecs[c], ids, "ref")
+                ref, _ = response_logprobs(base, spec, vecs[rows], ids, "ref")
         ratio = torch.exp(lp - lp.detach())  # old policy = the sampling policy: one update per batch
-        adv = stats.advantage[c].to(lp.device)[:, None]
+        adv = stats.advantage[rows].to(lp.device)[:, None]
         pg = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
         log_r = ref - lp
         kl = torch.exp(log_r) - log_r - 1  # k3 estimator: unbiased, non-negative

@@ -231,6 +231,46 @@ def test_micro_batches_give_the_same_update(tiny_path):
         assert m["kl"] == pytest.approx(results[0][2]["kl"], abs=1e-6)
 
 
+def test_chunks_pad_rows_to_a_length_near_their_own(tiny_path, monkeypatch):
+    """With several chunks, whole groups go longest first, so a chunk's rows pad to near their own
+    length (the AR's rows likewise, one by one); the update is the same as in one chunk."""
+    import nla.grpo as grpo
+    from nla.grpo import _by_length, update
+    assert _by_length([3, 9, 1, 1, 8, 2], 4, 2) == [0, 1, 4, 5, 2, 3]  # groups by their longest row
+    assert _by_length([3, 9, 1, 1], 0, 2) == [0, 1, 2, 3]  # one chunk: the sampled order
+    words = ["a b c d e f g h i j k l", "a", "b", "c", "d e f g h i j k l m n", "e", "f g", "h"]
+    results, padded = [], []
+    real = grpo.response_logprobs
+
+    def spy(base, spec, v, ids, role="av"):
+        padded.append(len(ids) * max(len(r) for r in ids))
+        return real(base, spec, v, ids, role)
+    monkeypatch.setattr(grpo, "response_logprobs", spy)
+    for micro in (0, 4, 4):
+        base = load_base(tiny_path, device="cpu")
+        lora.attach(base.model, {"av": 4, "ref": 4, "ar": 4})
+        torch.manual_seed(3)
+        with torch.no_grad():
+            for p in lora.params(base.model, "av") + lora.params(base.model, "ar"):
+                p.normal_(0, 0.02)
+        lora.copy_role(base.model, "av", "ref")
+        head = ARHead(base.d_model)
+        opt_av = torch.optim.SGD(lora.params(base.model, "av"), lr=0.5)
+        opt_ar = torch.optim.SGD(lora.params(base.model, "ar") + list(head.parameters()), lr=0.5)
+        v = torch.randn(4, base.d_model, generator=torch.Generator().manual_seed(1)).repeat_interleave(2, 0)
+        samples = [Sample(target_ids(base.tokenizer, t), t, True) for t in words]
+        if len(results) == 2:  # the sampled order, for the padding it would cost
+            monkeypatch.setattr(grpo, "_by_length", lambda lengths, micro, G=1: list(range(len(lengths))))
+        padded.clear()
+        m = update(base, spec_for(base), head, v, samples, opt_av, opt_ar, G=2, kl_coef=0.01, clip_eps=0.2, micro=micro)
+        results.append((lora.state(base.model, "av"), head.weight.detach().clone(), m, sum(padded)))
+    assert results[1][3] < results[2][3]  # sorted chunks pad less than the sampled order's
+    for av, hw, m, _ in results[1:]:
+        torch.testing.assert_close(hw, results[0][1], rtol=1e-5, atol=1e-6)
+        for k in av:
+            torch.testing.assert_close(av[k], results[0][0][k], rtol=1e-5, atol=1e-6)
+
+
 def test_micro_batches_hold_whole_groups():
     """A group's rows share one prompt forward only within a chunk: chunks are whole groups when
     the micro-batch allows it, never larger than asked."""
