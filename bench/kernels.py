@@ -218,7 +218,9 @@ def main():
         shapes = [(576, 49152), (3584, 152064)] if a.quick else [(576, 49152), (2048, 128256), (3584, 152064)]
         check_targets(bench_logprobs(shapes, dt, dev, a.weight_grad))
     if a.only in (None, "nf4"):
-        bench_nf4([1, 64] if a.quick else [1, 8, 64], dev)
+        # 128: a 64-row rollout with its reference's twins; 256: the gpu preset's 32 x G=8 rollout, past
+        # nf4.MAX_ROWS (it stays on bitsandbytes: does the kernel win there too?)
+        bench_nf4([1, 64, 128, 256] if a.quick else [1, 8, 64, 128, 256], dev)
 
 
 if __name__ == "__main__":
