@@ -55,6 +55,14 @@ def peak_gb(dev) -> float:
     return torch.cuda.max_memory_allocated() / 1e9 if dev.type == "cuda" else float("nan")
 
 
+def summary(results, dev) -> None:
+    for plan, best, peak in results:
+        mem = (f"peak GPU memory {peak:.2f} GB (target <= 20 GB: {'OK' if peak <= 20 else 'OVER'})"
+               if dev.type == "cuda" else "no memory figures on a CPU")
+        print(f"[{plan}] RL step {best:.2f} s after warm-up (target <= 4 s: {'OK' if best <= 4 else 'OVER'}); {mem}",
+              flush=True)
+
+
 def main():
     from bench.common import SHAPES, Timer, nla_on, profile_ops, random_base
     from nla import lora
@@ -123,6 +131,7 @@ def main():
         if times:  # the first step of the first plan captures the decode graph
             results.append((plan, min(r + u for r, u in times[1:] or times), peak_gb(dev)))
             rollouts.extend(r for r, _ in times[1:])
+            summary(results[-1:], dev)  # now too: a stage cut short by its time cap keeps it
     if a.rollout_ab and rollouts:
         # what the defaults are worth here: the rollout with its step captured but not compiled, with
         # and without the reference's twins, and the update that then runs the reference forward
@@ -153,10 +162,7 @@ def main():
             lambda: f"AR {m['ar_time']:.3f} s, GRPO {m['grpo_time']:.3f} s under the profiler")
     print(f"{base.name}: base weights {weights_gb:.2f} GB; adapters rank {a.rank} x 3 roles; "
           f"{a.acts} acts x G={a.group} x {a.max_new} tokens")
-    for plan, best, peak in results:
-        mem = (f"peak GPU memory {peak:.2f} GB (target <= 20 GB: {'OK' if peak <= 20 else 'OVER'})"
-               if dev.type == "cuda" else "no memory figures on a CPU")
-        print(f"[{plan}] RL step {best:.2f} s after warm-up (target <= 4 s: {'OK' if best <= 4 else 'OVER'}); {mem}")
+    summary(results, dev)
 
 
 if __name__ == "__main__":
