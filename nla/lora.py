@@ -39,7 +39,7 @@ class _Switch:
     active: str | None = None
     add: tuple | None = None
     fast: bool = False  # sampling: merged weights or compute-dtype adapter copies (see inference_weights)
-    pair: torch.Tensor | None = None  # two roles' rows side by side (see side_by_side): their column mask
+    pair: bool = False  # two roles' rows side by side, each half of the batch its own (see side_by_side)
 
     def snapshot(self) -> tuple:
         return self.active, self.add
@@ -78,14 +78,15 @@ class LoRALinear(nn.Module):
         self.group: _Group | None = None  # siblings reading the same input, merged into one buffer
         self.span = (0, 0)  # this projection's rows in the group's buffer
         self.nf4: tuple | None = None  # a 4-bit base's weight as the decode kernel reads it (kernels.nf4)
-        self.paired: tuple | None = None  # (A, B) of two roles side by side, for side_by_side
+        self.paired: tuple | None = None  # two roles' A^T [2, in, r] and (s B)^T [2, r, out], for side_by_side
 
     def forward(self, x):
         sw = self.switch
-        if sw.pair is not None:  # rows of two roles: one base product, both adapters, each row its own
+        if sw.pair:  # two roles' rows: one base product, then each half of the rows its own adapter
             y = kernels.nf4_linear(x, self.base, self.nf4) if self.nf4 else self.base(x)
-            A, B = self.paired
-            return _plus_low_rank(y, (x @ A.t()) * sw.pair, B)
+            At, Bt = self.paired
+            out = torch.baddbmm(y.reshape(2, -1, y.shape[-1]), torch.bmm(x.reshape(2, -1, x.shape[-1]), At), Bt)
+            return out.view(y.shape)
         if sw.fast and self.merged is not None and self.merged_role == sw.active and self.merged.dtype == x.dtype:
             g = self.group
             if g is not None and g.live and g.members[0] is self:  # the first sibling computes them all
@@ -263,36 +264,31 @@ def inference_weights(model: nn.Module, role: str | None, dtype: torch.dtype):
 
 
 @contextlib.contextmanager
-def side_by_side(model: nn.Module, roles: tuple[str, str], n: int, dtype: torch.dtype):
-    """Rows [0, n) of every forward run adapter roles[0], rows [n, 2n) roles[1]: one read of the
-    base's weights serves both. For a decode step on an unmerged base (4-bit), where reading the
-    weights is the cost, so the rows of the KL reference ride along with the policy's
-    (verbalizer.generate's ref_role). Each projection's two adapters are one rank-(r0 + r1) pair
-    and a [2n, 1, r0 + r1] mask keeps each row's own: scale on its columns, zero on the other's.
-    All in the compute dtype (no casts per token), kept between calls and refreshed in place, so
-    a CUDA graph captured over them sees each refresh."""
+def side_by_side(model: nn.Module, roles: tuple[str, str], dtype: torch.dtype):
+    """The first half of every forward's rows runs adapter roles[0], the second half roles[1]: one
+    read of the base's weights serves both. For a decode step on an unmerged base (4-bit), where
+    reading the weights is the cost, so that the rows of GRPO's KL reference ride along with the
+    policy's (verbalizer.generate's ref_role). Each projection adds its two low-rank products as
+    one batched pair (bmm, then baddbmm with the add in its epilogue), in the compute dtype, kept
+    between calls and refreshed in place, so a CUDA graph captured over them sees each refresh."""
     sw, mods = switch_of(model), _wrapped(model)
     if not mods:
         raise RuntimeError("no adapters attached")
     with torch.no_grad():
         for _, m in mods:
             a, b = (m.adapters[r] for r in roles)
-            ra, rb = a.A.shape[0], b.A.shape[0]
-            if m.paired is None or (m.paired[0].shape[0], m.paired[0].dtype, m.paired[0].device) != (ra + rb, dtype, a.A.device):
-                m.paired = (a.A.new_empty((ra + rb, m.in_features), dtype=dtype),
-                            a.B.new_empty((m.out_features, ra + rb), dtype=dtype))
-            m.paired[0][:ra].copy_(a.A), m.paired[0][ra:].copy_(b.A)
-            m.paired[1][:, :ra].copy_(a.B), m.paired[1][:, ra:].copy_(b.B)
+            if a.A.shape != b.A.shape:
+                raise ValueError(f"side by side needs equal ranks: {roles[0]} {a.A.shape[0]}, {roles[1]} {b.A.shape[0]}")
+            r = a.A.shape[0]
+            if m.paired is None or (m.paired[0].shape[2], m.paired[0].dtype, m.paired[0].device) != (r, dtype, a.A.device):
+                m.paired = (a.A.new_empty((2, m.in_features, r), dtype=dtype),
+                            a.B.new_empty((2, r, m.out_features), dtype=dtype))
+            for i, ad in enumerate((a, b)):
+                m.paired[0][i].copy_(ad.A.t())
+                m.paired[1][i].copy_(ad.B.t() * ad.scale)
             if m.nf4 is None:  # the base is frozen: its scales are unpacked once
                 m.nf4 = kernels.nf4_prepare(m.base) or ()
-        mask = torch.zeros((2 * n, 1, ra + rb), device=a.A.device, dtype=dtype)
-        mask[:n, :, :ra], mask[n:, :, ra:] = a.scale, b.scale
-    key = (n, ra, rb, dtype, mask.device)
-    if getattr(model, "_nla_pair_mask", (None,))[0] != key:  # one tensor per shape: a graph reads it
-        model._nla_pair_mask = (key, mask)
-    else:
-        model._nla_pair_mask[1].copy_(mask)
-    prev, sw.pair = sw.pair, model._nla_pair_mask[1]
+    prev, sw.pair = sw.pair, True
     try:
         yield
     finally:

@@ -97,7 +97,7 @@ def generate(base, spec: NLASpec, vectors: torch.Tensor, max_new: int = 64, temp
             logits = torch.cat(logits)
             ctx.enter_context(lora.use(model, role))
             if ref_role is not None:
-                ctx.enter_context(lora.side_by_side(model, roles, n, dec.dtype))
+                ctx.enter_context(lora.side_by_side(model, roles, dec.dtype))
             for step in range(max_new):
                 out[:, step] = nxt = pick(logits[:n], temperature, generator)
                 if ref_lp is not None:  # the twin's log-prob of the token its policy row drew

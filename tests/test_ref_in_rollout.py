@@ -57,7 +57,7 @@ def test_twins_give_the_references_logprobs_and_leave_the_samples(tiny_path, mon
     torch.testing.assert_close(got[mask], want[mask], rtol=1e-4, atol=1e-4)
     assert (got[mask] - policy[mask]).abs().max() > 1e-2  # the twins really ran the other adapter
     # and the plain path is back afterwards: no twin's mask is left live
-    assert lora.switch_of(base.model).pair is None
+    assert not lora.switch_of(base.model).pair
     assert [s.ids for s in run()] == ids
 
 
@@ -93,6 +93,10 @@ def test_when_the_reference_rides_along(tiny_path, monkeypatch):
     assert grpo.ref_in_rollout(base, kernels.nf4.MAX_ROWS)
     assert all(s.ref_lp is not None for s in grpo.rollout(base, spec, v, 4, 0.0))
     assert all(s.ref_lp is None for s in grpo.rollout(base, spec, v, 4, 0.0, kl_coef=0.0))  # no KL: no twins
+    lora.attach(base.model, {"other": 2})
+    with pytest.raises(ValueError, match="equal ranks"):
+        with lora.side_by_side(base.model, ("av", "other"), torch.float32):
+            pass
 
 
 def test_twins_on_a_4bit_base_read_the_nf4_kernel(tiny_path, monkeypatch, count_calls):
@@ -142,7 +146,7 @@ def test_twins_decode_step_compiles_whole(tiny_path, monkeypatch):
                 levels.append(SharedPrefix(m))
                 first.append(levels[-1].forward(m, inputs_embeds=emb, logits_to_keep=1).logits[:, -1])
         nxt = first[0].argmax(-1).repeat(2)
-        with lora.use(m, "av"), lora.side_by_side(m, ("av", "ref"), n, torch.float16):
+        with lora.use(m, "av"), lora.side_by_side(m, ("av", "ref"), torch.float16):
             dec.prefill(levels, torch.arange(n))
             eager = [dec.step(nxt).clone() for _ in range(2)]
             dec.prefill(levels, torch.arange(n))
