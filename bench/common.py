@@ -50,6 +50,8 @@ def quantise_(model, compute_dtype=torch.bfloat16):
                     q.bias = torch.nn.Parameter(lin.bias.data, requires_grad=False)
                 setattr(mod, name, q.to(lin.weight.device))
                 del lin
+    import kernels
+    kernels.nf4.keep_standard_layout(model)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

@@ -27,7 +27,18 @@ def servable(module) -> bool:
     """Is `module` a bitsandbytes Linear4bit whose weight this kernel reads (nf4, 2-D, whole blocks per row)?"""
     qs = getattr(getattr(module, "weight", None), "quant_state", None)
     return (qs is not None and qs.quant_type == "nf4" and len(qs.shape) == 2
-            and qs.shape[1] % qs.blocksize == 0 and qs.shape[1] % 2 == 0)
+            and qs.shape[1] % qs.blocksize == 0 and qs.shape[1] % 2 == 0
+            # bitsandbytes repacks a weight in place for its own CPU kernel (eval, no grad, avx512-bf16):
+            and not getattr(qs, "packing_format_for_cpu", False))
+
+
+def keep_standard_layout(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights in place for its own CPU kernel (it does so
+    the first time a Linear4bit runs in eval without grad on an avx512-bf16 CPU): this kernel,
+    its torch reference and the grouped sampling weights (nla/lora.py) read the standard layout."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
 
 
 def prepare(module) -> tuple | None:
@@ -56,14 +67,16 @@ def nf4_linear_torch(x, packed, absmax, code, N, K, blocksize, bias=None):
 
 
 # ---------------------------------------------------------------- dispatch
-def nf4_linear(x, module, prepared: tuple):
-    """module(x) for a bitsandbytes nf4 Linear4bit, through the kernel when it pays (CUDA, a
-    decode batch, no gradient), else through bitsandbytes."""
+def usable(x, packed) -> bool:
+    """Does the kernel pay for x: CUDA (or a forced Triton), a decode batch, no gradient?"""
     rows = x.numel() // max(1, x.shape[-1])
-    if (rows > MAX_ROWS or (torch.is_grad_enabled() and x.requires_grad)
-            or backend(x, prepared[0]) == "torch"):
-        return module(x)
-    return nf4_linear_triton(x, *prepared, bias=module.bias)
+    return not (rows > MAX_ROWS or (torch.is_grad_enabled() and x.requires_grad) or backend(x, packed) == "torch")
+
+
+def nf4_linear(x, module, prepared: tuple):
+    """module(x) for a bitsandbytes nf4 Linear4bit, through the kernel when it pays, else through
+    bitsandbytes."""
+    return nf4_linear_triton(x, *prepared, bias=module.bias) if usable(x, prepared[0]) else module(x)
 
 
 # ---------------------------------------------------------------- triton

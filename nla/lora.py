@@ -12,7 +12,9 @@ plus an add; on a 4-bit base (nothing to merge into) the adapters are cast to th
 The merged copies of projections that read the same input (q/k/v, gate/up) are rows of one
 buffer, and on a GPU the first of them to see an input computes all of their outputs in one GEMM:
 at decode sizes the small k and v projections are latency-bound (5 us for 0.8 MB on an H200).
-`NLA_FUSED_SAMPLING=0|1` overrides (a CPU's GEMMs are compute-bound: there it is off).
+A 4-bit base's siblings likewise become one nf4 weight for the decode kernel (their bytes moved
+into one buffer that bitsandbytes' weights are views of). `NLA_FUSED_SAMPLING=0|1` overrides (a
+CPU's GEMMs are compute-bound: there it is off).
 
 The switch is state outside the autograd graph, so gradient checkpointing must replay it: a
 block recomputed in backward runs after `use(...)` has already restored another role, and would
@@ -83,21 +85,14 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         sw = self.switch
         if sw.pair:  # two roles' rows: one base product, then each half of the rows its own adapter
-            y = kernels.nf4_linear(x, self.base, self.nf4) if self.nf4 else self.base(x)
+            y = self._sampling_product(x)
             At, Bt = self.paired
             out = torch.baddbmm(y.reshape(2, -1, y.shape[-1]), torch.bmm(x.reshape(2, -1, x.shape[-1]), At), Bt)
             return out.view(y.shape)
         if sw.fast and self.merged is not None and self.merged_role == sw.active and self.merged.dtype == x.dtype:
-            g = self.group
-            if g is not None and g.live and g.members[0] is self:  # the first sibling computes them all
-                g.x, g.z, g.left = x, nn.functional.linear(x, g.weight, g.bias), len(g.members)
-            if g is None or not g.live or g.x is not x:  # (another input, or another call order: alone)
-                return nn.functional.linear(x, self.merged, self.base.bias)
-            out, g.left = g.z[..., self.span[0]:self.span[1]], g.left - 1
-            if g.left == 0:  # every sibling served: hold nothing between steps (nor make the input
-                g.x = g.z = None  # and product extra outputs of a compiled step)
-            return out
-        y = kernels.nf4_linear(x, self.base, self.nf4) if sw.fast and self.nf4 else self.base(x)
+            y = self._from_group(x)
+            return y if y is not None else nn.functional.linear(x, self.merged, self.base.bias)
+        y = self._sampling_product(x) if sw.fast else self.base(x)
         a = self.adapters[sw.active] if sw.active in self.adapters else None
         if a is None:
             return y
@@ -105,6 +100,34 @@ class LoRALinear(nn.Module):
             return _plus_low_rank(y, x @ a.fast[0].t(), a.fast[1])
         # mixed precision: fp32 master weights are cast (small) rather than x (large)
         return _plus_low_rank(y, (x @ a.A.to(x.dtype).t()) * a.scale, a.B)
+
+
+    def _from_group(self, x):
+        """This projection's share of its group's one product of x (the siblings that read the same
+        input: the first to be called computes them all), or None: no live group, another input,
+        or another call order (then it computes alone)."""
+        g = self.group
+        if g is None or not g.live:
+            return None
+        if g.members[0] is self:
+            z = g.product(x)
+            if z is None:
+                return None
+            g.x, g.z, g.left = x, z, len(g.members)
+        if g.x is not x:
+            return None
+        out, g.left = g.z[..., self.span[0]:self.span[1]], g.left - 1
+        if g.left == 0:  # every sibling served: hold nothing between steps (nor make the input and
+            g.x = g.z = None  # product extra outputs of a compiled step)
+        return out
+
+    def _sampling_product(self, x):
+        """x W^T (+ bias) while sampling: a 4-bit weight through kernels.nf4 (with its siblings
+        where they are grouped), anything else through the base."""
+        if not self.nf4:
+            return self.base(x)
+        y = self._from_group(x)
+        return y if y is not None else kernels.nf4_linear(x, self.base, self.nf4)
 
 
 def _plus_low_rank(y: torch.Tensor, xa: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -183,6 +206,9 @@ class _Group:
         self.members, self.weight, self.bias = members, None, None
         self.live, self.x, self.z, self.left = False, None, None, 0
 
+    def product(self, x):
+        return nn.functional.linear(x, self.weight, self.bias)
+
     def allocate(self) -> None:
         w0 = self.members[0].base.weight
         if self.weight is not None and (self.weight.dtype, self.weight.device) == (w0.dtype, w0.device):
@@ -214,6 +240,90 @@ def _groups(model: nn.Module) -> list[_Group]:
     return model.__dict__["_nla_groups"]
 
 
+class _NF4Group:
+    """Sibling projections of a 4-bit base as one nf4 weight for the decode kernel: their packed
+    nibbles are moved into one buffer, of which each bitsandbytes weight is now a view (no copy
+    kept: bitsandbytes' own path reads the same bytes), and their block scales likewise. So a
+    decode step launches one kernel for q/k/v and one for gate/up; at decode sizes the k and v
+    products alone are latency-bound."""
+
+    def __init__(self, members: list[LoRALinear]):
+        self.members, self.prepared, self.bias = members, None, None
+        self.live, self.x, self.z, self.left = False, None, None, 0
+
+    def allocate(self) -> None:
+        if self.prepared is not None:
+            return
+        ms = self.members
+        for m in ms:
+            m.nf4 = None  # drop references to the storage that is about to move
+        packed = torch.cat([m.base.weight.data.reshape(-1) for m in ms])
+        start = 0
+        for m in ms:
+            n, shape = m.base.weight.data.numel(), m.base.weight.data.shape
+            m.base.weight.data = packed[start:start + n].view(shape)
+            start += n
+        preps = [kernels.nf4_prepare(m.base) for m in ms]
+        absmax = torch.cat([p[1].reshape(-1) for p in preps])
+        a = rows = 0
+        for m, p in zip(ms, preps):
+            k = p[1].numel()
+            m.nf4 = (p[0], absmax[a:a + k], *p[2:])
+            m.group, m.span = self, (rows, rows + m.out_features)
+            a, rows = a + k, rows + m.out_features
+        p0 = preps[0]
+        self.prepared = (packed.view(torch.uint8).reshape(-1), absmax, p0[2], rows, p0[4], p0[5])
+        biases = [m.base.bias for m in ms]
+        dt = ms[0].base.compute_dtype if getattr(ms[0].base, "compute_dtype", None) else absmax.dtype
+        self.bias = None if all(b is None for b in biases) else torch.cat(
+            [b.detach() if b is not None else torch.zeros(m.out_features, dtype=dt, device=absmax.device)
+             for b, m in zip(biases, ms)])
+
+    def product(self, x):
+        if not kernels.nf4.usable(x, self.prepared[0]):
+            return None
+        return kernels.nf4.nf4_linear_triton(x, *self.prepared, bias=self.bias)
+
+
+def _nf4_groups(model: nn.Module) -> list[_NF4Group]:
+    """Sibling projections whose 4-bit weights the decode kernel reads and can stack (same input
+    width, block size and code), found once."""
+    if "_nla_nf4_groups" not in model.__dict__:
+        found = []
+        for parent in model.modules():
+            for names in GROUPS:
+                ms = [getattr(parent, n, None) for n in names]
+                ms = [m for m in ms if isinstance(m, LoRALinear) and kernels.nf4.servable(m.base)]
+                qs = [m.base.weight.quant_state for m in ms]
+                if len(ms) > 1 and len({(m.in_features, q.blocksize, q.dtype, m.base.weight.device) for m, q in zip(ms, qs)}) == 1 \
+                        and all(torch.equal(q.code, qs[0].code) for q in qs):
+                    found.append(_NF4Group(ms))
+        model.__dict__["_nla_nf4_groups"] = found
+    return model.__dict__["_nla_nf4_groups"]
+
+
+def _fused_wanted(device: torch.device) -> bool:
+    """One product per input for sibling projections while sampling? On a GPU (latency-bound small
+    GEMMs), not on a CPU (compute-bound: nothing to gain). NLA_FUSED_SAMPLING=0|1 overrides."""
+    forced = os.environ.get("NLA_FUSED_SAMPLING", "")
+    return forced == "1" if forced in ("0", "1") else device.type == "cuda"
+
+
+def _prepare_nf4(model: nn.Module) -> None:
+    """The decode kernel's view of every 4-bit projection, grouped where siblings can be (once:
+    the base is frozen), and the groups live or not for this call."""
+    mods = _wrapped(model)
+    if not mods or not any(kernels.nf4.servable(m.base) for _, m in mods):
+        return
+    fused = _fused_wanted(mods[0][1].base.weight.device)
+    for g in _nf4_groups(model):
+        g.allocate()
+        g.live, g.x, g.z, g.left = fused, None, None, 0
+    for _, m in mods:
+        if m.nf4 is None:
+            m.nf4 = kernels.nf4_prepare(m.base) or ()
+
+
 @contextlib.contextmanager
 def inference_weights(model: nn.Module, role: str | None, dtype: torch.dtype):
     """Sampling weights for the live role, refreshed once on entry: merged weights (see
@@ -229,13 +339,13 @@ def inference_weights(model: nn.Module, role: str | None, dtype: torch.dtype):
         yield
         return
     groups = _groups(model) if merge else []
-    forced = os.environ.get("NLA_FUSED_SAMPLING", "")  # default: on a GPU only (a CPU GEMM is
-    fused = forced == "1" if forced in ("0", "1") else (  # compute-bound: nothing to gain there)
-        bool(groups) and groups[0].members[0].base.weight.is_cuda)
+    fused = bool(groups) and _fused_wanted(groups[0].members[0].base.weight.device)
     with torch.no_grad():
         for g in groups:
             g.allocate()
             g.live, g.x, g.z, g.left = fused, None, None, 0
+        if not merge:
+            _prepare_nf4(model)
         for _, m in _wrapped(model):
             a = m.adapters[role]
             if merge:
@@ -248,8 +358,6 @@ def inference_weights(model: nn.Module, role: str | None, dtype: torch.dtype):
                 m.merged_role = role
                 continue
             m.merged_role = None  # a merge left from an earlier call is stale now
-            if m.nf4 is None:  # the base is frozen: its scales are unpacked once
-                m.nf4 = kernels.nf4_prepare(m.base) or ()
             if a.fast is None or (a.fast[0].dtype, a.fast[0].device) != (dtype, a.A.device):
                 a.fast = (torch.empty_like(a.A, dtype=dtype), torch.empty_like(a.B, dtype=dtype))
             a.fast[0].copy_(a.A)
@@ -259,7 +367,7 @@ def inference_weights(model: nn.Module, role: str | None, dtype: torch.dtype):
         yield
     finally:
         sw.fast = prev
-        for g in groups:
+        for g in groups + model.__dict__.get("_nla_nf4_groups", []):
             g.x = g.z = None  # no activations held between rollouts
 
 
@@ -286,13 +394,14 @@ def side_by_side(model: nn.Module, roles: tuple[str, str], dtype: torch.dtype):
             for i, ad in enumerate((a, b)):
                 m.paired[0][i].copy_(ad.A.t())
                 m.paired[1][i].copy_(ad.B.t() * ad.scale)
-            if m.nf4 is None:  # the base is frozen: its scales are unpacked once
-                m.nf4 = kernels.nf4_prepare(m.base) or ()
+        _prepare_nf4(model)
     prev, sw.pair = sw.pair, True
     try:
         yield
     finally:
         sw.pair = prev
+        for g in model.__dict__.get("_nla_nf4_groups", []):
+            g.x = g.z = None
 
 
 def _replaying(model: nn.Module):

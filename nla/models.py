@@ -173,6 +173,9 @@ def load_base(spec: str = EMBEDDED_ALIAS, device: str | None = None, dtype: torc
                        f"or use the embedded default '{EMBEDDED_ALIAS}'") from None
     if not load_in_4bit:
         model.to(dev)
+    else:
+        import kernels
+        kernels.nf4.keep_standard_layout(model)
     model.eval()
     model.requires_grad_(False)
     if tok.pad_token is None:

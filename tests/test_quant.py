@@ -66,31 +66,44 @@ def test_backward_through_4bit_matches_dequantised_weight():
         torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_sampling_through_the_nf4_decode_kernel(tiny_path, monkeypatch, av_on, count_calls):
+@pytest.mark.parametrize("fused", ["0", "1"])
+def test_sampling_through_the_nf4_decode_kernel(tiny_path, monkeypatch, av_on, count_calls, fused):
     """A rollout on a 4-bit base: the decode steps' projections go through kernels.nf4 (Triton,
-    here under the interpreter) and give the ids of bitsandbytes' own path. fp16 compute: the
-    interpreter cannot run bf16 dots, and an fp32 base samples through the plain path."""
+    here under the interpreter) and give the ids of bitsandbytes' own path; fused (a GPU's
+    default), q/k/v and gate/up are one kernel each, and bitsandbytes' own path still reads the
+    weights it read before. fp16 compute: the interpreter cannot run bf16 dots, and an fp32 base
+    samples through the plain path."""
     from kernels.dispatch import interpreting
     if not interpreting():
         pytest.skip("needs TRITON_INTERPRET=1 on CPU")
-    from nla.verbalizer import generate
+    from nla.verbalizer import generate, response_logprobs
     import kernels.nf4 as nf4
+    monkeypatch.setenv("NLA_FUSED_SAMPLING", fused)
     q = av_on(load_base(tiny_path, device="cpu", dtype=torch.float16, load_in_4bit=True))
     spec = build_spec(q, 2, {"injection_scale": 3.0, "mse_mean": {"train": 1.5}}, "replace", 4, 4)
     v = torch.randn(2, q.d_model, generator=torch.Generator().manual_seed(1)).repeat_interleave(2, 0)
+    assert not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in q.model.modules())  # load_base
+    with torch.no_grad():
+        before = response_logprobs(q, spec, v, [[5, 6, 7]] * 4, "av")[0]
     calls = count_calls(nf4, "nf4_linear_triton")
     out = {}
     for impl in ("torch", "triton"):
         monkeypatch.setenv("NLA_KERNELS", impl)
         q.model.__dict__.pop("_nla_decoders", None)
         out[impl] = [s.ids for s in generate(q, spec, v, 8, 0.0)]
-    # every projection of the 7 decode steps and of both prompt levels (41 common tokens, then 2 x 35
-    # rows, each <= nf4.MAX_ROWS)
-    assert len(calls) == 7 * q.n_layers * (7 + 2)
+    # every projection (fused: q/k/v and gate/up as one) of the 7 decode steps and of both prompt
+    # levels (41 common tokens, then 2 x 35 rows, each <= nf4.MAX_ROWS)
+    assert len(calls) == (4 if fused == "1" else 7) * q.n_layers * (7 + 2)
     assert out["triton"] == out["torch"]
+    monkeypatch.setenv("NLA_KERNELS", "torch")  # as for `before` (the log-prob kernel rounds otherwise)
+    with torch.no_grad():  # the training path (bitsandbytes) reads the same bytes, wherever they now live
+        assert torch.equal(response_logprobs(q, spec, v, [[5, 6, 7]] * 4, "av")[0], before)
+    groups = q.model.__dict__.get("_nla_nf4_groups", [])
+    assert len(groups) == 2 * q.n_layers and all(g.live == (fused == "1") for g in groups)
 
 
-def test_4bit_decode_step_compiles_whole(tiny_path, monkeypatch, av_on):
+@pytest.mark.parametrize("fused", ["0", "1"])
+def test_4bit_decode_step_compiles_whole(tiny_path, monkeypatch, av_on, fused):
     """With every quantised weight in kernels.nf4 (a torch op), torch.compile takes a 4-bit base's
     decode step as ONE graph, no break into bitsandbytes, and gives the eager step's logits; so on
     CUDA it is compiled by default, and not where any projection would fall back to bitsandbytes."""
@@ -103,6 +116,7 @@ def test_4bit_decode_step_compiles_whole(tiny_path, monkeypatch, av_on):
     from nla.shared_prefix import SharedPrefix
     from nla.verbalizer import _prompt
     monkeypatch.setenv("NLA_KERNELS", "triton")
+    monkeypatch.setenv("NLA_FUSED_SAMPLING", fused)  # "1": q/k/v and gate/up as one nf4 op each, as on a GPU
     q = av_on(load_base(tiny_path, device="cpu", dtype=torch.float16, load_in_4bit=True))
     spec = build_spec(q, 2, {"injection_scale": 3.0, "mse_mean": {"train": 1.5}}, "replace", 4, 4)
     m = q.model
@@ -128,7 +142,7 @@ def test_4bit_decode_step_compiles_whole(tiny_path, monkeypatch, av_on):
             dec.pos += 1
     assert len(graphs) == 1
     ops = [n for n in graphs[0].graph.nodes if n.op == "call_function" and "nf4_partials" in str(n.target)]
-    assert len(ops) == 7 * q.n_layers
+    assert len(ops) == (4 if fused == "1" else 7) * q.n_layers
     assert _all_nf4_kernel(m, 3, torch.float16)
     assert not _all_nf4_kernel(m, nf4.MAX_ROWS + 1, torch.float16)  # past the kernel's rows: bitsandbytes
     assert not _all_nf4_kernel(m, 3, torch.float32)  # an fp32 base samples through the plain path

@@ -99,13 +99,16 @@ def test_when_the_reference_rides_along(tiny_path, monkeypatch):
             pass
 
 
-def test_twins_on_a_4bit_base_read_the_nf4_kernel(tiny_path, monkeypatch, count_calls):
+@pytest.mark.parametrize("fused", ["0", "1"])
+def test_twins_on_a_4bit_base_read_the_nf4_kernel(tiny_path, monkeypatch, count_calls, fused):
     """On a 4-bit base the twins' decode steps are one nf4 product for both roles' rows (2n <=
-    nf4.MAX_ROWS), with bitsandbytes' ids and log-probs. fp16: bf16 dots fail in the interpreter."""
+    nf4.MAX_ROWS; fused, as on a GPU: one for q/k/v and one for gate/up), with bitsandbytes' ids
+    and log-probs. fp16: bf16 dots fail in the interpreter."""
     from kernels.dispatch import interpreting
     if not interpreting():
         pytest.skip("needs TRITON_INTERPRET=1 on CPU")
     import kernels.nf4 as nf4
+    monkeypatch.setenv("NLA_FUSED_SAMPLING", fused)
     base = _base(tiny_path, dtype=torch.float16, load_in_4bit=True)
     spec, v = _spec(base), _vectors(base)
     rows = []
@@ -115,7 +118,8 @@ def test_twins_on_a_4bit_base_read_the_nf4_kernel(tiny_path, monkeypatch, count_
     for impl in ("torch", "triton"):
         monkeypatch.setenv("NLA_KERNELS", impl)
         out[impl] = generate(base, spec, v, 6, 0.0, ref_role="ref")
-    assert rows.count(2 * len(v)) == 7 * base.n_layers * 5  # every projection of the 5 decode steps, both roles at once
+    # every projection of the 5 decode steps, both roles at once
+    assert rows.count(2 * len(v)) == (4 if fused == "1" else 7) * base.n_layers * 5
     assert [s.ids for s in out["triton"]] == [s.ids for s in out["torch"]]
     torch.testing.assert_close(_padded(out["triton"]), _padded(out["torch"]), rtol=2e-2, atol=2e-2)
 
