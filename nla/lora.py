@@ -101,7 +101,6 @@ class LoRALinear(nn.Module):
         # mixed precision: fp32 master weights are cast (small) rather than x (large)
         return _plus_low_rank(y, (x @ a.A.to(x.dtype).t()) * a.scale, a.B)
 
-
     def _from_group(self, x):
         """This projection's share of its group's one product of x (the siblings that read the same
         input: the first to be called computes them all), or None: no live group, another input,
