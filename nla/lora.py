@@ -197,13 +197,25 @@ def merge_wanted(model: nn.Module) -> bool:
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # each reads one input
 
 
-class _Group:
-    """Merged weights of sibling projections stacked by rows (the members' `merged` are views),
-    their biases (zeros where a member has none), and the last input seen with its output."""
+class _Siblings:
+    """Projections that read the same input, computed as one product while sampling (see
+    LoRALinear._from_group): whether that is on, and the last input seen with its output."""
 
     def __init__(self, members: list[LoRALinear]):
-        self.members, self.weight, self.bias = members, None, None
-        self.live, self.x, self.z, self.left = False, None, None, 0
+        self.members, self.bias = members, None
+        self.reset(False)
+
+    def reset(self, live: bool) -> None:
+        self.live, self.x, self.z, self.left = live, None, None, 0
+
+
+class _Group(_Siblings):
+    """Merged weights of sibling projections stacked by rows (the members' `merged` are views)
+    and their biases (zeros where a member has none)."""
+
+    def __init__(self, members: list[LoRALinear]):
+        super().__init__(members)
+        self.weight = None
 
     def product(self, x):
         return nn.functional.linear(x, self.weight, self.bias)
@@ -225,21 +237,26 @@ class _Group:
              for b, m in zip(biases, self.members)]).to(w0.dtype)
 
 
-def _groups(model: nn.Module) -> list[_Group]:
-    """Sibling projections (same parent, same input width, same weight dtype), found once."""
-    if "_nla_groups" not in model.__dict__:
+def _find(model: nn.Module, key: str, cls, ok, same) -> list:
+    """A model's `cls` groups, found once (cached as `key`): per parent and per GROUPS entry, the
+    projections for which ok(m) holds, where there are two or more and same(m) is one value."""
+    if key not in model.__dict__:
         found = []
         for parent in model.modules():
             for names in GROUPS:
-                ms = [getattr(parent, n, None) for n in names]
-                ms = [m for m in ms if isinstance(m, LoRALinear) and _mergeable(m)]
-                if len(ms) > 1 and len({(m.in_features, m.base.weight.dtype) for m in ms}) == 1:
-                    found.append(_Group(ms))
-        model.__dict__["_nla_groups"] = found
-    return model.__dict__["_nla_groups"]
+                ms = [m for m in (getattr(parent, n, None) for n in names) if isinstance(m, LoRALinear) and ok(m)]
+                if len(ms) > 1 and len({same(m) for m in ms}) == 1:
+                    found.append(cls(ms))
+        model.__dict__[key] = found
+    return model.__dict__[key]
 
 
-class _NF4Group:
+def _groups(model: nn.Module) -> list[_Group]:
+    """Mergeable siblings with the same input width and weight dtype."""
+    return _find(model, "_nla_groups", _Group, _mergeable, lambda m: (m.in_features, m.base.weight.dtype))
+
+
+class _NF4Group(_Siblings):
     """Sibling projections of a 4-bit base as one nf4 weight for the decode kernel: their packed
     nibbles are moved into one buffer, of which each bitsandbytes weight is now a view (no copy
     kept: bitsandbytes' own path reads the same bytes), and their block scales likewise. So a
@@ -247,8 +264,8 @@ class _NF4Group:
     products alone are latency-bound."""
 
     def __init__(self, members: list[LoRALinear]):
-        self.members, self.prepared, self.bias = members, None, None
-        self.live, self.x, self.z, self.left = False, None, None, 0
+        super().__init__(members)
+        self.prepared = None
 
     def allocate(self) -> None:
         if self.prepared is not None:
@@ -273,10 +290,9 @@ class _NF4Group:
         p0 = preps[0]
         self.prepared = (packed.view(torch.uint8).reshape(-1), absmax, p0[2], rows, p0[4], p0[5])
         biases = [m.base.bias for m in ms]
-        dt = ms[0].base.compute_dtype if getattr(ms[0].base, "compute_dtype", None) else absmax.dtype
-        self.bias = None if all(b is None for b in biases) else torch.cat(
-            [b.detach() if b is not None else torch.zeros(m.out_features, dtype=dt, device=absmax.device)
-             for b, m in zip(biases, ms)])
+        b0 = next((b for b in biases if b is not None), None)
+        self.bias = None if b0 is None else torch.cat(
+            [b.detach() if b is not None else b0.new_zeros(m.out_features) for b, m in zip(biases, ms)])
 
     def product(self, x):
         if not kernels.nf4.usable(x, self.prepared[0]):
@@ -285,20 +301,12 @@ class _NF4Group:
 
 
 def _nf4_groups(model: nn.Module) -> list[_NF4Group]:
-    """Sibling projections whose 4-bit weights the decode kernel reads and can stack (same input
-    width, block size and code), found once."""
-    if "_nla_nf4_groups" not in model.__dict__:
-        found = []
-        for parent in model.modules():
-            for names in GROUPS:
-                ms = [getattr(parent, n, None) for n in names]
-                ms = [m for m in ms if isinstance(m, LoRALinear) and kernels.nf4.servable(m.base)]
-                qs = [m.base.weight.quant_state for m in ms]
-                if len(ms) > 1 and len({(m.in_features, q.blocksize, q.dtype, m.base.weight.device) for m, q in zip(ms, qs)}) == 1 \
-                        and all(torch.equal(q.code, qs[0].code) for q in qs):
-                    found.append(_NF4Group(ms))
-        model.__dict__["_nla_nf4_groups"] = found
-    return model.__dict__["_nla_nf4_groups"]
+    """Siblings whose 4-bit weights the decode kernel reads and can stack: the same input width,
+    block size, scale dtype, device and code."""
+    def same(m):
+        q = m.base.weight.quant_state
+        return m.in_features, q.blocksize, q.dtype, m.base.weight.device, tuple(q.code.tolist())
+    return _find(model, "_nla_nf4_groups", _NF4Group, lambda m: kernels.nf4.servable(m.base), same)
 
 
 def _fused_wanted(device: torch.device) -> bool:
@@ -317,7 +325,7 @@ def _prepare_nf4(model: nn.Module) -> None:
     fused = _fused_wanted(mods[0][1].base.weight.device)
     for g in _nf4_groups(model):
         g.allocate()
-        g.live, g.x, g.z, g.left = fused, None, None, 0
+        g.reset(fused)
     for _, m in mods:
         if m.nf4 is None:
             m.nf4 = kernels.nf4_prepare(m.base) or ()
@@ -342,7 +350,7 @@ def inference_weights(model: nn.Module, role: str | None, dtype: torch.dtype):
     with torch.no_grad():
         for g in groups:
             g.allocate()
-            g.live, g.x, g.z, g.left = fused, None, None, 0
+            g.reset(fused)
         if not merge:
             _prepare_nf4(model)
         for _, m in _wrapped(model):

@@ -85,11 +85,11 @@ def generate(base, spec: NLASpec, vectors: torch.Tensor, max_new: int = 64, temp
         dec = Decoder.of(model, n * len(roles), P + max_new, role if ref_role is None else roles)
         uniq, index = distinct_rows(vectors.to(base.device))
         with contextlib.ExitStack() as ctx:
+            if ref_role is None:  # sampling weights for the prompts and every step
+                ctx.enter_context(lora.inference_weights(model, role, dec.dtype))
             levels, logits = [], []
             for r in roles:
                 with lora.use(model, r):
-                    if ref_role is None:  # sampling weights for the prompts and every step
-                        ctx.enter_context(lora.inference_weights(model, role, dec.dtype))
                     level, first = _prompts(model, model, spec, uniq, logits_to_keep=1)
                 levels.append(level)
                 logits.append(first.logits[:, -1].index_select(0, index))

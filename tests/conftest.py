@@ -97,3 +97,36 @@ def with_av(base, seed: int = 3):
 def av_on():
     """with_av, for tests and fixtures of any scope."""
     return with_av
+
+
+def compiled_like_eager(dec, prompts, index, nxt, compilers=("trace",), steps=2, fullgraph=False, rtol=1e-3,
+                        atol=1e-3):
+    """Decode `steps` tokens eagerly from the prefilled prompts, then again through
+    torch.compile(dec._forward) with each of `compilers` ("trace": a backend that records the FX
+    graphs and runs them as traced), asserting the eager logits each step. (eager logits, traced graphs)."""
+    import torch
+    from nla.decoding import packed_gqa
+    graphs = []
+
+    def trace(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+    dec.prefill(prompts, index)
+    eager = [dec.step(nxt).clone() for _ in range(steps)]
+    for compiler in compilers:
+        dec.prefill(prompts, index)
+        fwd = torch.compile(dec._forward, dynamic=False, backend=trace if compiler == "trace" else compiler,
+                            fullgraph=fullgraph)
+        for ref in eager:
+            dec.tok.copy_(nxt[:, None])
+            with packed_gqa(dec.model):
+                got = fwd(input_ids=dec.tok, position_ids=dec.pos)
+            torch.testing.assert_close(got, ref, rtol=rtol, atol=atol)
+            dec.pos += 1
+    return eager, graphs
+
+
+@pytest.fixture(scope="session")
+def compiled_steps():
+    """compiled_like_eager, for tests."""
+    return compiled_like_eager

@@ -237,37 +237,23 @@ def test_cuda_graph_decoding_on_a_4bit_base(tiny_path, monkeypatch, av_on, count
 
 
 @pytest.mark.slow
-def test_compiled_decode_step_matches_eager(av_base, monkeypatch):
+def test_compiled_decode_step_matches_eager(av_base, monkeypatch, compiled_steps):
     """What CUDA runs by default: the step compiled by torch.compile (here with Inductor's CPU
     backend, ~20 s) with the packed attention and the merged, fused sampling weights gives the
     eager step's logits, traced once."""
-    from nla.decoding import Decoder, packed_gqa
+    from nla.decoding import Decoder
     from nla.shared_prefix import SharedPrefix
     monkeypatch.setenv("NLA_FUSED_SAMPLING", "1")  # CUDA's default
     spec = _spec(av_base)
     m = av_base.model
     dec = Decoder(m, 3, 120, "av")
     emb = m.get_input_embeddings()(V._prompt(spec, 3, "cpu"))
-    traced = []
-
-    def backend(gm, inputs):
-        traced.append(gm)
-        return gm.forward
     with torch.no_grad(), lora.use(m, "av"), lora.inference_weights(m, "av", torch.float32):
         assert lora._groups(m) and all(g.live for g in lora._groups(m))
         prompts = SharedPrefix(m)
         nxt = prompts.forward(m, inputs_embeds=emb, logits_to_keep=1).logits[:, -1].argmax(-1)
-        dec.prefill(prompts, torch.arange(3))
-        eager = [dec.step(nxt).clone() for _ in range(3)]
-        for compiler in (backend, "inductor"):
-            dec.prefill(prompts, torch.arange(3))
-            fwd = torch.compile(dec._forward, dynamic=False, backend=compiler)
-            for ref in eager:
-                dec.tok.copy_(nxt[:, None])
-                with packed_gqa(m):
-                    got = fwd(input_ids=dec.tok, position_ids=dec.pos)
-                torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
-                dec.pos += 1
+        _, traced = compiled_steps(dec, prompts, torch.arange(3), nxt, ("trace", "inductor"), steps=3,
+                                   rtol=1e-4, atol=1e-5)
     assert len(traced) == 1  # no recompile from the fused projections' state
 
 

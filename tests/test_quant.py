@@ -103,7 +103,7 @@ def test_sampling_through_the_nf4_decode_kernel(tiny_path, monkeypatch, av_on, c
 
 
 @pytest.mark.parametrize("fused", ["0", "1"])
-def test_4bit_decode_step_compiles_whole(tiny_path, monkeypatch, av_on, fused):
+def test_4bit_decode_step_compiles_whole(tiny_path, monkeypatch, av_on, compiled_steps, fused):
     """With every quantised weight in kernels.nf4 (a torch op), torch.compile takes a 4-bit base's
     decode step as ONE graph, no break into bitsandbytes, and gives the eager step's logits; so on
     CUDA it is compiled by default, and not where any projection would fall back to bitsandbytes."""
@@ -112,7 +112,7 @@ def test_4bit_decode_step_compiles_whole(tiny_path, monkeypatch, av_on, fused):
         pytest.skip("needs TRITON_INTERPRET=1 on CPU")
     import kernels.nf4 as nf4
     from nla import lora
-    from nla.decoding import Decoder, _all_nf4_kernel, packed_gqa
+    from nla.decoding import Decoder, _all_nf4_kernel
     from nla.shared_prefix import SharedPrefix
     from nla.verbalizer import _prompt
     monkeypatch.setenv("NLA_KERNELS", "triton")
@@ -121,25 +121,11 @@ def test_4bit_decode_step_compiles_whole(tiny_path, monkeypatch, av_on, fused):
     spec = build_spec(q, 2, {"injection_scale": 3.0, "mse_mean": {"train": 1.5}}, "replace", 4, 4)
     m = q.model
     dec = Decoder(m, 3, 100, "av")
-    graphs = []
-
-    def backend(gm, inputs):
-        graphs.append(gm)
-        return gm.forward
     with torch.no_grad(), lora.use(m, "av"), lora.inference_weights(m, "av", torch.float16):
         emb = m.get_input_embeddings()(_prompt(spec, 3, "cpu"))
         prompts = SharedPrefix(m)
         nxt = prompts.forward(m, inputs_embeds=emb, logits_to_keep=1).logits[:, -1].argmax(-1)
-        dec.prefill(prompts, torch.arange(3))
-        eager = [dec.step(nxt).clone() for _ in range(2)]
-        dec.prefill(prompts, torch.arange(3))
-        fwd = torch.compile(dec._forward, dynamic=False, backend=backend, fullgraph=True)
-        for ref in eager:
-            dec.tok.copy_(nxt[:, None])
-            with packed_gqa(m):
-                got = fwd(input_ids=dec.tok, position_ids=dec.pos)
-            torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
-            dec.pos += 1
+        _, graphs = compiled_steps(dec, prompts, torch.arange(3), nxt, fullgraph=True)
     assert len(graphs) == 1
     ops = [n for n in graphs[0].graph.nodes if n.op == "call_function" and "nf4_partials" in str(n.target)]
     assert len(ops) == (4 if fused == "1" else 7) * q.n_layers

@@ -124,24 +124,19 @@ def test_twins_on_a_4bit_base_read_the_nf4_kernel(tiny_path, monkeypatch, count_
     torch.testing.assert_close(_padded(out["triton"]), _padded(out["torch"]), rtol=2e-2, atol=2e-2)
 
 
-def test_twins_decode_step_compiles_whole(tiny_path, monkeypatch):
+def test_twins_decode_step_compiles_whole(tiny_path, monkeypatch, compiled_steps):
     """What CUDA runs for a 4-bit base: the twins' decode step under torch.compile is one graph
     (no break into bitsandbytes), every projection one nf4 op for both roles, the eager logits."""
     from kernels.dispatch import interpreting
     if not interpreting():
         pytest.skip("needs TRITON_INTERPRET=1 on CPU")
-    from nla.decoding import Decoder, _all_nf4_kernel, packed_gqa
+    from nla.decoding import Decoder, _all_nf4_kernel
     from nla.shared_prefix import SharedPrefix
     from nla.verbalizer import _prompt
     monkeypatch.setenv("NLA_KERNELS", "triton")
     base = _base(tiny_path, dtype=torch.float16, load_in_4bit=True)
     m, spec, n = base.model, _spec(base), 3
     dec = Decoder(m, 2 * n, 100, ("av", "ref"))
-    graphs = []
-
-    def backend(gm, inputs):
-        graphs.append(gm)
-        return gm.forward
     with torch.no_grad():
         emb = m.get_input_embeddings()(_prompt(spec, n, "cpu"))
         levels, first = [], []
@@ -151,16 +146,7 @@ def test_twins_decode_step_compiles_whole(tiny_path, monkeypatch):
                 first.append(levels[-1].forward(m, inputs_embeds=emb, logits_to_keep=1).logits[:, -1])
         nxt = first[0].argmax(-1).repeat(2)
         with lora.use(m, "av"), lora.side_by_side(m, ("av", "ref"), torch.float16):
-            dec.prefill(levels, torch.arange(n))
-            eager = [dec.step(nxt).clone() for _ in range(2)]
-            dec.prefill(levels, torch.arange(n))
-            fwd = torch.compile(dec._forward, dynamic=False, backend=backend, fullgraph=True)
-            for ref in eager:
-                dec.tok.copy_(nxt[:, None])
-                with packed_gqa(m):
-                    got = fwd(input_ids=dec.tok, position_ids=dec.pos)
-                torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
-                dec.pos += 1
+            eager, graphs = compiled_steps(dec, levels, torch.arange(n), nxt, fullgraph=True)
     assert len(graphs) == 1
     assert sum("nf4_partials" in str(x.target) for x in graphs[0].graph.nodes if x.op == "call_function") == 7 * base.n_layers
     assert _all_nf4_kernel(m, 2 * n, torch.float16)
