@@ -8,6 +8,17 @@ packed nibbles and its block scales, dequantises them exactly as bitsandbytes do
 * absmax in fp32, rounded to the compute dtype), and multiplies with tl.dot; split-K gives a
 decode batch's few rows enough programs to fill the GPU.
 
+At 0.5 bytes a weight the kernel has only a few instructions per weight before it is slower than
+memory (an H200 can issue ~4 per weight at its bandwidth: 132 SMs x 4 warp-instructions a cycle), so the dequantisation is cut to the bone,
+by its compiled SASS (`bench/sass.py`, no GPU needed): one gather per BYTE from a 256-entry table
+of code pairs (two fp32 codes in an int64) instead of one per nibble with its shifts; the even and
+odd elements of K as two dots (the dot's sum does not care about order, so the nibbles are never
+interleaved back); the weight tile as the dot's left operand; no masks along K (whole blocks by
+construction) nor N (clamped loads where N is ragged); and one row tile for up to 128 rows, so each
+weight is dequantised once per step. On sm_90: 15-24 instructions per weight before (47 at 128
+rows, two row tiles), 8-13 now, and no register spill on sm_80/89/90 (the 64-row tile spilled
+672-1,160 bytes). Not yet timed on a GPU: `bench/kernels.py --only nf4` does.
+
 Format (bitsandbytes, quant_type nf4): W [N, K] flattened row-major; byte i holds elements 2i
 (high nibble) and 2i+1 (low nibble); element e is scaled by absmax[e // blocksize]. Double
 quantisation (8-bit absmax) is undone once per weight by `prepare`: 4 bytes per 64 weights.
@@ -19,8 +30,9 @@ import torch
 
 from .dispatch import backend, empty, pow2
 
-MAX_ROWS = 128  # a decode batch, or one with its KL reference's rows (lora.side_by_side); above it,
-# dequantising per row tile loses to bitsandbytes' dequantise-once
+MAX_ROWS = 128  # a decode batch, or one with its KL reference's rows (lora.side_by_side); above it
+# a step dequantises every weight once per row tile (no 256-row tile compiles without spilling:
+# bench/sass.py --sweep), which may lose to bitsandbytes' dequantise-once
 
 
 def servable(module) -> bool:
@@ -41,9 +53,17 @@ def keep_standard_layout(model) -> None:
             m.support_avx512bf16_for_cpu = False
 
 
+def code_pairs(code: torch.Tensor) -> torch.Tensor:
+    """[256] int64: entry b holds (code[b >> 4], code[b & 15]) as two fp32, the first in the low
+    half: both elements of packed byte b, in order, from one read."""
+    b = torch.arange(256, device=code.device)
+    return torch.stack([code.float()[b >> 4], code.float()[b & 15]], -1).contiguous().view(torch.int64).reshape(256)
+
+
 def prepare(module) -> tuple | None:
-    """(packed [N*K/2] uint8, absmax [N*K/blocksize] fp32, code [16] fp32, N, K, blocksize) of a
-    bitsandbytes Linear4bit with an nf4 weight, or None where this kernel does not apply."""
+    """(packed [N*K/2] uint8, absmax [N*K/blocksize] fp32, code pairs [256] int64 (code_pairs), N, K,
+    blocksize) of a bitsandbytes Linear4bit with an nf4 weight, or None where this kernel does not
+    apply."""
     if not servable(module):
         return None
     qs = module.weight.quant_state
@@ -53,24 +73,27 @@ def prepare(module) -> tuple | None:
         from bitsandbytes.functional import dequantize_blockwise
         absmax = dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
     return (module.weight.data.view(torch.uint8).reshape(-1), absmax.float().contiguous(),
-            qs.code.float().contiguous(), N, K, qs.blocksize)
+            code_pairs(qs.code), N, K, qs.blocksize)
 
 
 # ---------------------------------------------------------------- torch reference
-def dequantize_torch(packed, absmax, code, N: int, K: int, blocksize: int, dtype) -> torch.Tensor:
-    q = torch.stack([packed >> 4, packed & 15], -1).reshape(-1).long()
-    return (code[q].view(-1, blocksize) * absmax.view(-1, 1)).reshape(N, K).to(dtype)
+def dequantize_torch(packed, absmax, pairs, N: int, K: int, blocksize: int, dtype) -> torch.Tensor:
+    codes = pairs.view(torch.float32).view(256, 2)[packed.long()].reshape(-1)  # element order: byte i -> 2i, 2i+1
+    return (codes.view(-1, blocksize) * absmax.view(-1, 1)).reshape(N, K).to(dtype)
 
 
-def nf4_linear_torch(x, packed, absmax, code, N, K, blocksize, bias=None):
-    return torch.nn.functional.linear(x, dequantize_torch(packed, absmax, code, N, K, blocksize, x.dtype), bias)
+def nf4_linear_torch(x, packed, absmax, pairs, N, K, blocksize, bias=None):
+    return torch.nn.functional.linear(x, dequantize_torch(packed, absmax, pairs, N, K, blocksize, x.dtype), bias)
 
 
 # ---------------------------------------------------------------- dispatch
 def usable(x, packed) -> bool:
-    """Does the kernel pay for x: CUDA (or a forced Triton), a decode batch, no gradient?"""
+    """Does the kernel pay for x: CUDA (or a forced Triton), a decode batch, no gradient, a 16-bit
+    compute dtype on a GPU (the tiles are sized for it: fp32 ones need up to 145 KB of shared
+    memory, more than a consumer GPU has; fp32 runs on CUDA are for checks, not speed)?"""
     rows = x.numel() // max(1, x.shape[-1])
-    return not (rows > MAX_ROWS or (torch.is_grad_enabled() and x.requires_grad) or backend(x, packed) == "torch")
+    return not (rows > MAX_ROWS or (torch.is_grad_enabled() and x.requires_grad) or backend(x, packed) == "torch"
+                or (x.is_cuda and x.dtype == torch.float32))
 
 
 def nf4_linear(x, module, prepared: tuple):
@@ -90,32 +113,42 @@ def _k():
         import triton.language as tl
 
         @triton.jit
-        def kernel(X, P, A, C, OUT, M, N, K, k_split, s_xm, s_xk,
+        def kernel(X, P, A, T, OUT, M, N, K, k_split, s_xm, s_xk,
                    BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   IEEE: tl.constexpr):
+                   EVEN_N: tl.constexpr, IEEE: tl.constexpr):
             # row tiles vary fastest: programs that read the same weight tile run together, and the
             # second read comes from L2
             pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
             rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
             rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # int64: N*K passes 2^31 at 7B+
-            mm, mn = rm < M, rn < N
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if not EVEN_N:
+                rn = tl.minimum(rn, N - 1)  # ragged N: the last tile reads a real row twice, stores once
+            mm = rm < M
+            HB: tl.constexpr = BLOCK_K // 2  # bytes per row of a tile: element 2i is byte i's high nibble
+            j = tl.arange(0, HB)
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # out^T: the weight is the left operand
             k0 = pid_s * k_split
             for kk in range(0, k_split, BLOCK_K):
-                rk = k0 + kk + tl.arange(0, BLOCK_K)
-                x = tl.load(X + rm[:, None] * s_xm + rk[None, :] * s_xk, mask=mm[:, None] & (rk < K)[None, :], other=0.0)
-                rb = (k0 + kk) // 2 + tl.arange(0, BLOCK_K // 2)
-                byte = tl.load(P + rn[:, None] * (K // 2) + rb[None, :], mask=mn[:, None] & (rb < K // 2)[None, :], other=0)
-                q = tl.join(byte >> 4, byte & 15).reshape(BLOCK_N, BLOCK_K).to(tl.int32)  # 2i: high, 2i+1: low
-                v = tl.load(C + q)
+                xp = X + rm[None, :] * s_xm + (k0 + kk + 2 * j)[:, None] * s_xk
+                xe = tl.load(xp, mask=mm[None, :], other=0.0)  # [HB, BLOCK_M]: even elements of K
+                xo = tl.load(xp + s_xk, mask=mm[None, :], other=0.0)  # odd ones
+                byte = tl.load(P + rn[:, None] * (K // 2) + ((k0 + kk) // 2 + j)[None, :])
                 ra = (k0 + kk) // BS + tl.arange(0, BLOCK_K // BS)
-                a = tl.load(A + rn[:, None] * (K // BS) + ra[None, :], mask=mn[:, None] & (ra < K // BS)[None, :], other=0.0)
-                w = (v.reshape(BLOCK_N, BLOCK_K // BS, BS) * a[:, :, None]).reshape(BLOCK_N, BLOCK_K).to(x.dtype)
+                a = tl.load(A + rn[:, None] * (K // BS) + ra[None, :])[:, :, None]
+                pair = tl.load(T + byte.to(tl.int32))  # both codes of the byte, in one read
+                ch = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+                cl = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+                # scaled in fp32 and rounded once to the compute dtype, as bitsandbytes dequantises
+                wh = (ch.reshape(BLOCK_N, BLOCK_K // BS, BS // 2) * a).reshape(BLOCK_N, HB).to(xe.dtype)
+                wl = (cl.reshape(BLOCK_N, BLOCK_K // BS, BS // 2) * a).reshape(BLOCK_N, HB).to(xe.dtype)
                 if IEEE:
-                    acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+                    acc = tl.dot(wh, xe, acc, input_precision="ieee")
+                    acc = tl.dot(wl, xo, acc, input_precision="ieee")
                 else:
-                    acc += tl.dot(x, tl.trans(w))
-            tl.store(OUT + pid_s * M * N + rm[:, None] * N + rn[None, :], acc, mask=mm[:, None] & mn[None, :])
+                    acc = tl.dot(wh, xe, acc)
+                    acc = tl.dot(wl, xo, acc)
+            rs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            tl.store(OUT + pid_s * M * N + rm[None, :] * N + rs[:, None], acc, mask=mm[None, :] & (rs < N)[:, None])
 
         _K = kernel
     return _K
@@ -132,41 +165,47 @@ def _splits(K: int, block_k: int, tiles: int, target: int = 264) -> int:
     return min(splits, key=lambda s: max(tiles * s / target, target / (tiles * s)))
 
 
-def _plan(M: int, N: int, K: int, blocksize: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_K, split-K parts, row tiles) for an [M, K] x [N, K]^T product."""
-    BLOCK_M = min(64, pow2(M))
-    BLOCK_K = max(blocksize, 128) if K % max(blocksize, 128) == 0 else blocksize
+# (BLOCK_N, BLOCK_K, warps) per row tile, chosen by compiled SASS (bench/sass.py): the fewest
+# instructions per weight with no register spill on sm_80, sm_89 and sm_90, at most 73 KB of
+# shared memory (consumer GPUs have 99 KB a block); two pipeline stages
+TILES = {16: (64, 128, 4), 32: (128, 128, 8), 64: (128, 64, 8), 128: (128, 64, 8)}
+STAGES = 2
+
+
+def _plan(M: int, N: int, K: int, blocksize: int) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, split-K parts, row tiles) for an [M, K] x [N, K]^T product."""
+    BLOCK_M = min(128, pow2(M))
+    BLOCK_N, want_k, warps = TILES[BLOCK_M]
+    BLOCK_K = max(blocksize, want_k) if K % max(blocksize, want_k) == 0 else blocksize
     n_tiles, m_tiles = -(-N // BLOCK_N), -(-M // BLOCK_M)
-    return BLOCK_M, BLOCK_K, _splits(K, BLOCK_K, n_tiles * m_tiles), m_tiles
-
-
-BLOCK_N = 64
+    return BLOCK_M, BLOCK_N, BLOCK_K, warps, _splits(K, BLOCK_K, n_tiles * m_tiles), m_tiles
 
 
 @torch.library.custom_op("nla::nf4_partials", mutates_args=())
-def nf4_partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+def nf4_partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tensor,
                  N: int, K: int, blocksize: int) -> torch.Tensor:
     """The kernel's fp32 split-K partial products [S, M, N] of x [M, K]. A torch op, so that
     torch.compile takes the decode step of a 4-bit base whole (the kernel is opaque to it; the sum
     of the partials, the bias and the cast after it are fused with their neighbours)."""
     M = x.shape[0]
-    BLOCK_M, BLOCK_K, S, m_tiles = _plan(M, N, K, blocksize)
+    BLOCK_M, BLOCK_N, BLOCK_K, warps, S, m_tiles = _plan(M, N, K, blocksize)
     part = empty((S, M, N), torch.float32, x.device)
     if M:
         _k()[(m_tiles, -(-N // BLOCK_N), S)](
-            x, packed, absmax, code, part, M, N, K, K // S, *x.stride(), BS=blocksize,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, IEEE=x.dtype == torch.float32, num_warps=4)
+            x, packed, absmax, pairs, part, M, N, K, K // S, *x.stride(), BS=blocksize, BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, EVEN_N=N % BLOCK_N == 0, IEEE=x.dtype == torch.float32,
+            num_warps=warps, num_stages=STAGES)
     return part
 
 
 @nf4_partials.register_fake
-def _(x, packed, absmax, code, N, K, blocksize):
-    return x.new_empty((_plan(x.shape[0], N, K, blocksize)[2], x.shape[0], N), dtype=torch.float32)
+def _(x, packed, absmax, pairs, N, K, blocksize):
+    return x.new_empty((_plan(x.shape[0], N, K, blocksize)[4], x.shape[0], N), dtype=torch.float32)
 
 
-def nf4_linear_triton(x, packed, absmax, code, N, K, blocksize, bias=None):
+def nf4_linear_triton(x, packed, absmax, pairs, N, K, blocksize, bias=None):
     lead = x.shape[:-1]
-    part = torch.ops.nla.nf4_partials(x.reshape(-1, K), packed, absmax, code, N, K, blocksize)
+    part = torch.ops.nla.nf4_partials(x.reshape(-1, K), packed, absmax, pairs, N, K, blocksize)
     out = part[0] if part.shape[0] == 1 else part.sum(0)
     if bias is not None:  # added before the one rounding, as a GEMM's epilogue does
         out = out + bias.float()

@@ -7,6 +7,8 @@ kernel never wrote fails. The same tests run on the GPU, which adds realistic lo
 tensors past 2^31 elements (tests marked gpu: too big or too slow for the interpreter).
 """
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -345,7 +347,8 @@ NF4_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [
 
 @needs_triton
 @pytest.mark.parametrize("dtype", NF4_DTYPES)
-@pytest.mark.parametrize("M,N,K", [(1, 80, 128), (5, 33, 192), (17, 96, 256), (64, 70, 384), (100, 40, 128)])
+@pytest.mark.parametrize("M,N,K", [(1, 80, 128), (5, 33, 192), (17, 96, 256), (64, 70, 384), (100, 40, 128),
+                                   (3, 128, 256), (40, 256, 384)])  # every row tile; N ragged and whole
 def test_nf4_linear(dtype, M, N, K):
     q = _nf4_linear(N, K, True, dtype, DEV, seed=M)
     p = kernels.nf4_prepare(q)
@@ -379,8 +382,28 @@ def test_nf4_linear_dispatch(monkeypatch, count_calls):
 def test_nf4_split_k_is_near_two_waves():
     """Split-K parts divide K into whole blocks and give about 264 programs (two waves of 132 SMs):
     not the first split above it, which at 7B's down projection writes 37 fp32 partials."""
-    from kernels.nf4 import _splits
-    for N, K in ((3584, 3584), (512, 3584), (18944, 3584), (3584, 18944)):  # Qwen2.5-7B projections
-        tiles = -(-N // 64)
-        s = _splits(K, 128, tiles)
-        assert (K // 128) % s == 0 and 132 <= tiles * s <= 528, (N, K, s)
+    from kernels.nf4 import _plan
+    for M in (1, 64, 128):
+        for N, K in ((3584, 3584), (512, 3584), (18944, 3584), (3584, 18944)):  # Qwen2.5-7B projections
+            BM, BN, BK, _, s, m_tiles = _plan(M, N, K, 64)
+            programs = m_tiles * -(-N // BN) * s
+            assert BM >= M and m_tiles == 1 and (K // BK) % s == 0 and 100 <= programs <= 528, (M, N, K, s)
+
+
+@needs_triton
+def test_every_launch_compiles_for_gpus_without_spills():
+    """Each kernel launch our code makes (recorded from the real call paths) compiles for sm_80
+    and sm_90 with Triton's bundled ptxas, spills no register and fits a consumer GPU's 99 KB of
+    shared memory: what a GPU would show first, checked without one. In its own process: the
+    interpreter the other tests run under leaves triton.language patched."""
+    nv = pytest.importorskip("triton.backends.nvidia")
+    if not os.path.exists(os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")):
+        pytest.skip("this Triton has no bundled CUDA tools")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "bench/sass.py", "--arch", "80,90", "--check"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    names = [ln.split()[0] for ln in r.stdout.splitlines() if "sm_90" in ln]
+    assert sorted(set(names)) == ["inject.add", "inject.replace", "logprobs.dlogits", "logprobs.lse_pick", "nf4", "reward"]
+    assert names.count("nf4") == len(kernels.nf4.TILES)  # every row tile

@@ -1,0 +1,203 @@
+"""What our Triton kernels compile to on NVIDIA GPUs, measured without one.
+
+A GPU is lent to few sessions, and for minutes. But Triton ships its own ptxas, so every kernel
+can be compiled here for sm_80 (A100, RTX 30), sm_89 (RTX 40, L4) and sm_90 (H100/H200), exactly
+as our code launches it (the launches are recorded from the real call paths with CPU tensors,
+then compiled for each target), and the machine code read back:
+
+    regs     registers per thread (255 is the ceiling)
+    spill    bytes per thread spilled to local memory (slow: any is a bug to fix)
+    smem     shared memory per block (consumer GPUs allow 99 KB)
+    loop     instructions in the kernel's main loop, per thread per iteration
+    /elem    for the nf4 decode matmul: issued instructions per weight of a tile. At 0.5 bytes per
+             weight an H200 must issue ~3 per weight to keep pace with its memory; more means the
+             kernel is bound by issue, not bandwidth, so this is the number its tiles were chosen by
+
+    python bench/sass.py [--arch 80,89,90] [--sweep]
+
+--sweep compiles the nf4 kernel over tile sizes, warps and stages for the row tiles it uses and
+prints each candidate (the table kernels/nf4.py's TILES came from, and one row tile for 2 x MAX_ROWS). tests/test_kernels.py checks
+that every launch compiles for sm_80 and sm_90 with no spill and within 99 KB.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script or -m
+
+import argparse
+import re
+import subprocess
+import tempfile
+
+import torch
+
+TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64",
+         torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8"}
+SMEM_LIMIT = 101376  # bytes a block may use on sm_86/sm_89 (99 KB)
+
+
+class _Recorder:
+    """Stands in for a JITFunction: `kernel[grid](*args, **meta)` records the launch instead."""
+
+    def __init__(self, fn, name, calls):
+        self.fn, self.name, self.calls = fn, name, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.calls.append((self.name, self.fn, args, meta))
+
+
+def launches(nf4_rows=(1, 32, 64, 128)) -> list[tuple]:
+    """(name, JITFunction, args, meta) of each kernel launch our code makes at realistic sizes
+    (Qwen2.5-7B widths), recorded from the real call paths with CPU tensors."""
+    import kernels.inject as inj
+    import kernels.logprobs as lp
+    import kernels.nf4 as nf4
+    import kernels.reward as rw
+    calls: list = []
+    saved = (nf4._K, lp._K, rw._K, inj._K)
+    interp = os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not the interpreter's (as in CI)
+    try:
+        nf4._K = lp._K = rw._K = inj._K = None
+        nf4._K = _Recorder(nf4._k(), "nf4", calls)
+        k = lp._k()
+        lp._K = (_Recorder(k[0], "logprobs.lse_pick", calls), _Recorder(k[1], "logprobs.dlogits", calls))
+        rw._K = _Recorder(rw._kernel(), "reward", calls)
+        k = inj._k()
+        inj._K = (_Recorder(k[0], "inject.replace", calls), _Recorder(k[1], "inject.add", calls))
+        bf = torch.bfloat16
+        d, V, N, K = 3584, 152064, 18944, 3584
+        for m in nf4_rows:
+            nf4.nf4_partials(torch.empty(m, K, dtype=bf), torch.empty(N * K // 2, dtype=torch.uint8),
+                             torch.empty(N * K // 64), torch.empty(256, dtype=torch.int64), N, K, 64)
+        h, w, t = torch.zeros(8, d, dtype=bf), torch.zeros(V, d, dtype=bf), torch.zeros(8, dtype=torch.long)
+        buf, o, lse = torch.empty(8, V, dtype=bf), torch.empty(8), torch.empty(8)
+        lp._lse_pick_triton(h, w, t, o, lse, buf)
+        lp._dlogits_triton(h, w, t, lse, torch.ones(8), buf)
+        rw.reward_stats_triton(torch.randn(64, d, dtype=bf), torch.randn(64, d, dtype=bf), 1.0, 8,
+                               valid=torch.ones(64, dtype=torch.bool))
+        ids, slots = torch.zeros(2, 5, dtype=torch.long), torch.full((2, 5), -1, dtype=torch.long)
+        inj.inject_replace_triton(torch.zeros(V, d, dtype=bf), ids, slots, torch.zeros(2, d), 150.0)
+        inj.inject_add_triton(torch.zeros(2, 5, d, dtype=bf), slots, torch.zeros(2, d))
+    finally:
+        nf4._K, lp._K, rw._K, inj._K = saved
+        if interp is not None:
+            os.environ["TRITON_INTERPRET"] = interp
+    return calls
+
+
+def signature(fn, args, meta) -> tuple[dict, dict, dict]:
+    """Triton's (signature, constexprs, options) for one recorded launch."""
+    sig, consts = {}, {}
+    for name, v in zip(fn.arg_names, args):
+        if isinstance(v, torch.Tensor):
+            sig[name] = "*" + TYPES[v.dtype]
+        elif isinstance(v, bool):
+            sig[name] = "i1"
+        elif isinstance(v, int):
+            sig[name] = "i64" if abs(v) >= 2 ** 31 else "i32"
+        else:
+            sig[name] = "fp32"
+    opts = {k: meta[k] for k in ("num_warps", "num_stages") if k in meta}
+    for name in fn.arg_names[len(args):]:
+        sig[name], consts[name] = "constexpr", meta[name]
+    return sig, consts, opts
+
+
+def _tool(name: str) -> str:
+    import triton.backends.nvidia as nv
+    return os.path.join(os.path.dirname(nv.__file__), "bin", name)
+
+
+def compile_stats(fn, sig: dict, consts: dict, opts: dict, arch: int) -> dict:
+    """Compile for sm_<arch> with Triton's own ptxas; read registers, spills, shared memory and the
+    main loop back from the cubin."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # what a launch uses (silences 3.9's notice)
+    c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
+                       options=opts)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(c.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+    return dict(regs=int(re.search(r"REG:(\d+)", usage).group(1)), spill=int(re.search(r"STACK:(\d+)", usage).group(1)),
+                smem=c.metadata.shared, loop=loop_length(sass))
+
+
+def loop_length(sass: str) -> int:
+    """Instructions of the longest loop (a backward branch) in a kernel's SASS; 0 without one."""
+    ins = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    best = 0
+    for addr, text in ins:
+        t = re.search(r"BRA\b.*?0x([0-9a-f]+)", text)
+        if t and int(t.group(1), 16) < addr:
+            best = max(best, sum(1 for a, _ in ins if int(t.group(1), 16) <= a <= addr))
+    return best
+
+
+def per_weight(consts: dict, opts: dict, loop: int) -> float:
+    """nf4: issued instructions per weight of a tile (all threads' loop instructions / tile size)."""
+    return loop * opts.get("num_warps", 4) * 32 / (consts["BLOCK_N"] * consts["BLOCK_K"])
+
+
+def describe(name, consts, opts) -> str:
+    if name == "nf4":
+        return (f"rows<={consts['BLOCK_M']} tile {consts['BLOCK_N']}x{consts['BLOCK_K']} "
+                f"w{opts.get('num_warps', 4)} s{opts.get('num_stages', 3)}")
+    blocks = " ".join(f"{k}={v}" for k, v in consts.items() if k.startswith("BLOCK"))
+    return f"{blocks} w{opts.get('num_warps', 4)}"
+
+
+def row(name, what, arch, s, consts, opts) -> str:
+    flags = ("SPILL " if s["spill"] else "") + ("SMEM>99KB" if s["smem"] > SMEM_LIMIT else "")
+    pw = f"{per_weight(consts, opts, s['loop']):6.1f}" if name == "nf4" and s["loop"] else f"{'':6}"
+    return (f"{name:18} {what:34} sm_{arch}  {s['regs']:4d} {s['spill']:6d} {s['smem'] / 1024:6.1f} "
+            f"{s['loop']:6d} {pw}  {flags}")
+
+
+def sweep(arches) -> None:
+    import kernels.nf4 as nf4
+    _, fn, args, meta = next(c for c in launches(nf4_rows=(1,)) if c[0] == "nf4")
+    sig, consts, _ = signature(fn, args, meta)
+    print("\nnf4 candidates (the table TILES was chosen from: fewest /elem with no spill anywhere)")
+    for bm in sorted(nf4.TILES) + [2 * nf4.MAX_ROWS]:  # and the tile one more row would need
+        for bn in (64, 128):
+            for bk in (64, 128):
+                for warps in (4, 8):
+                    c = dict(consts, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                    o = dict(num_warps=warps, num_stages=nf4.STAGES)
+                    for arch in arches:
+                        print(row("nf4", describe("nf4", c, o), arch, compile_stats(fn, sig, c, o, arch), c, o), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="80,89,90", help="compute capabilities, comma-separated")
+    ap.add_argument("--sweep", action="store_true", help="also compile the nf4 kernel's candidate tiles")
+    ap.add_argument("--check", action="store_true", help="exit 1 if a launch spills or needs more than 99 KB")
+    a = ap.parse_args()
+    arches = [int(x) for x in a.arch.split(",")]
+    import triton
+    print(f"Triton {triton.__version__}, its bundled ptxas; no GPU used")
+    print(f"{'kernel':18} {'launch':34} {'arch':5} {'regs':>4} {'spill':>6} {'smem KB':>7} {'loop':>6} {'/elem':>6}")
+    seen, bad = set(), 0
+    for name, fn, args, meta in launches():
+        sig, consts, opts = signature(fn, args, meta)
+        what = describe(name, consts, opts)
+        if (name, what) in seen:
+            continue
+        seen.add((name, what))
+        for arch in arches:
+            s = compile_stats(fn, sig, consts, opts, arch)
+            bad += bool(s["spill"] or s["smem"] > SMEM_LIMIT)
+            print(row(name, what, arch, s, consts, opts), flush=True)
+    print(f"{len(seen)} launches x {len(arches)} targets: {bad} with a spill or over 99 KB of shared memory")
+    if a.sweep:
+        sweep(arches)
+    sys.exit(1 if a.check and bad else 0)
+
+
+if __name__ == "__main__":
+    main()
