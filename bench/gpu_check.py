@@ -13,7 +13,8 @@ failure or hang does not eat the rest, and ends with a one-screen summary:
     rl-1.5b    the same on a random Qwen2.5-1.5B shape (batch 64, cap 150: the issue's targets)
     memory     bench/memory.py: a Qwen2.5-7B-shaped nf4 RL step, time and peak memory, with gradient
                checkpointing and without; its rollout with the decode step compiled and not
-    nf4        bench/kernels.py --only nf4: the 4-bit decode matmul against bitsandbytes
+    nf4        bench/kernels.py --only nf4,sample: the 4-bit decode matmul against bitsandbytes, and
+               the fused next-token draw against torch.multinomial
     e2e        collect -> train --preset gpu (scaled down) -> explain -> eval on a random model
     profile, memory-profile, memory-torch
                diagnoses: the decode step's and the update's kernels at 1.5B, the 7B update's
@@ -41,11 +42,11 @@ RANDOM_MODEL = "/tmp/nla-gpu-check/random-smollm2"
 
 # (name, cap in seconds, command, what to quote in the summary)
 STAGES = [
-    ("parity", 90, f"{PY} -m pytest -q -p no:cacheprovider -m 'gpu or not slow' tests/test_kernels.py tests/test_decoding.py "
+    ("parity", 85, f"{PY} -m pytest -q -p no:cacheprovider -m 'gpu or not slow' tests/test_kernels.py tests/test_decoding.py "
                    f"tests/test_shared_prefix.py tests/test_ref_in_rollout.py::test_twins_on_cuda_with_a_4bit_base",
      r"passed|failed|error"),
     ("kernels", 45, f"{PY} bench/kernels.py --quick", r"target|MISSED|met|speed-up|x$"),
-    ("nf4", 30, f"{PY} bench/kernels.py --quick --only nf4", r"copy bandwidth|x \d+ x"),
+    ("nf4", 35, f"{PY} bench/kernels.py --quick --only nf4,sample", r"copy bandwidth|x \d+ x|\d+ x \d+ "),
     ("rl-smol", 40, f"{PY} bench/rl_step.py --shape smollm2 --acts 8 --group 8 --max-new 64 --steps 2 --loops ours,ours-adapters,reference",
      r"roofline|ours|old eager|torch |triton |failed"),
     # (the graph-only loop "ours" was measured on an H200: 0.825 s; its place goes to the memory stage)

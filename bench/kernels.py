@@ -9,10 +9,12 @@ log_softmax, the chunked torch path and the Triton path. It ends by checking the
 Triton >= 1.0x the chunked torch path at every size, >= 1.5x at N=9600 with V=152k, and no more
 peak memory than the chunked torch path.
 
-    python bench/kernels.py [--dtype bf16|fp32] [--quick] [--only inject|reward|logprobs|nf4] [--weight-grad]
+    python bench/kernels.py [--dtype bf16|fp32] [--quick] [--only inject,reward,logprobs,nf4,sample] [--weight-grad]
 
 nf4: a decode step's projections with a 4-bit base, bitsandbytes against kernels.nf4 (the nf4 bytes
 read per ms against the copy bandwidth), beside a bf16 GEMM of the same shape.
+sample: a decode step's draw of the next token of every row (torch.multinomial's softmax,
+exponentials, divide and argmax against one fused pass), and the logits read per ms.
 """
 import os
 import sys
@@ -169,6 +171,20 @@ def bench_nf4(rows, dev):
         torch.cuda.empty_cache()
 
 
+def bench_sample(shapes, dev):
+    """The next token of every row from [rows, V] bf16 logits at T = 1: what a rollout's step ends with."""
+    print("\nnext-token draw (exponential race): torch.multinomial path vs one fused pass")
+    print(f"{'logits':16} {'rows x V':28} {'torch ms':>9} {'triton ms':>9} {'speedup':>8}  logits GB/s")
+    g = torch.Generator(device=dev).manual_seed(0)
+    for rows, V in shapes:
+        x = torch.randn(rows, V, device=dev, dtype=torch.bfloat16)
+        t_ms = bench_ms(lambda: kernels.sample_next_torch(x, 1.0, g))
+        k_ms = bench_ms(lambda: kernels.sample_next(x, 1.0, g))  # with its seed draw, as a rollout calls it
+        gb = x.numel() * x.element_size()
+        print(f"{'bf16':16} {f'{rows} x {V}':28} {t_ms:9.3f} {k_ms:9.3f} {t_ms / k_ms:7.2f}x  "
+              f"{gb / k_ms / 1e6:6.0f} GB/s ({gb / k_ms / 1e6 / PEAK:.0%} of copy)")
+
+
 def check_targets(records):
     print("\nlog-prob targets (triton against the chunked torch path):")
     worst_f = min(records, key=lambda r: r["fwd"])
@@ -195,7 +211,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--quick", action="store_true", help="fewer sizes")
-    ap.add_argument("--only", choices=["inject", "reward", "logprobs", "nf4"], help="one kernel family")
+    ap.add_argument("--only", default="inject,reward,logprobs,nf4,sample", help="kernel families, comma-separated")
     ap.add_argument("--weight-grad", action="store_true", help="log-probs backward also into the head")
     a = ap.parse_args()
     if not torch.cuda.is_available():
@@ -209,18 +225,22 @@ def main():
     print(f"{'kernel':16} {'size':28} {'torch ms':>9} {'triton ms':>9} {'speedup':>8}")
     ds = [576, 3584] if a.quick else [576, 2048, 3584, 8192]
     ns = [64, 4096] if a.quick else [64, 512, 4096]
-    if a.only in (None, "inject"):
+    only = set(a.only.split(","))
+    if "inject" in only:
         bench_inject(ds, ns, dt, el, dev)
-    if a.only in (None, "reward"):
+    if "reward" in only:
         bench_reward(ds, ns, dt, el, dev)
-    if a.only in (None, "logprobs"):
+    if "logprobs" in only:
         # SmolLM2-135M, Llama-3.2-1B-shaped, Qwen2.5-7B
         shapes = [(576, 49152), (3584, 152064)] if a.quick else [(576, 49152), (2048, 128256), (3584, 152064)]
         check_targets(bench_logprobs(shapes, dt, dev, a.weight_grad))
-    if a.only in (None, "nf4"):
+    if "nf4" in only:
         # 128: a 64-row rollout with its reference's twins; 256: the gpu preset's 32 x G=8 rollout, past
         # nf4.MAX_ROWS (it stays on bitsandbytes: does the kernel win there too?)
         bench_nf4([1, 64, 128, 256] if a.quick else [1, 8, 64, 128, 256], dev)
+    if "sample" in only:
+        # SmolLM2's vocabulary at 16 rows (the CPU recipe's rollouts), Qwen2.5's at 64 (the issue's)
+        bench_sample([(16, 49152), (64, 151936), (256, 151936)], dev)
 
 
 if __name__ == "__main__":

@@ -53,17 +53,19 @@ def launches(nf4_rows=(1, 32, 64, 128)) -> list[tuple]:
     import kernels.logprobs as lp
     import kernels.nf4 as nf4
     import kernels.reward as rw
+    import kernels.sample as smp
     calls: list = []
-    saved = (nf4._K, lp._K, rw._K, inj._K)
+    saved = (nf4._K, lp._K, rw._K, inj._K, smp._K)
     interp = os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not the interpreter's (as in CI)
     try:
-        nf4._K = lp._K = rw._K = inj._K = None
+        nf4._K = lp._K = rw._K = inj._K = smp._K = None
         nf4._K = _Recorder(nf4._k(), "nf4", calls)
         k = lp._k()
         lp._K = (_Recorder(k[0], "logprobs.lse_pick", calls), _Recorder(k[1], "logprobs.dlogits", calls))
         rw._K = _Recorder(rw._kernel(), "reward", calls)
         k = inj._k()
         inj._K = (_Recorder(k[0], "inject.replace", calls), _Recorder(k[1], "inject.add", calls))
+        smp._K = _Recorder(smp._k(), "sample", calls)
         bf = torch.bfloat16
         d, V, N, K = 3584, 152064, 18944, 3584
         for m in nf4_rows:
@@ -78,8 +80,9 @@ def launches(nf4_rows=(1, 32, 64, 128)) -> list[tuple]:
         ids, slots = torch.zeros(2, 5, dtype=torch.long), torch.full((2, 5), -1, dtype=torch.long)
         inj.inject_replace_triton(torch.zeros(V, d, dtype=bf), ids, slots, torch.zeros(2, d), 150.0)
         inj.inject_add_triton(torch.zeros(2, 5, d, dtype=bf), slots, torch.zeros(2, d))
+        smp.sample_next_triton(torch.zeros(64, V, dtype=bf), 1.0, torch.zeros(1, dtype=torch.long))
     finally:
-        nf4._K, lp._K, rw._K, inj._K = saved
+        nf4._K, lp._K, rw._K, inj._K, smp._K = saved
         if interp is not None:
             os.environ["TRITON_INTERPRET"] = interp
     return calls

@@ -43,6 +43,8 @@ from collections import OrderedDict
 
 import torch
 
+import kernels
+
 from .models import attention_as
 from .shared_prefix import SharedPrefix
 
@@ -50,22 +52,12 @@ MAX_DECODERS = 3  # cached (shape, role) decoders per model: RL rollouts, evals,
 
 
 def pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
-    """The next token of every row: argmax at temperature 0, else a draw from softmax(logits/T),
-    computed in fp32 (the cast is inside the softmax, and T = 1 divides nothing: each is a pass
-    over 64 x 152k logits per token that changes no value). On a GPU, torch.multinomial. On a CPU
-    the same exponential race multinomial runs (argmax of p / E, E ~ Exp(1): exact, and robust to
-    the last bits of the logits, so every loop draws the same tokens), with E = -log(U) from fp64
-    uniforms: the CPU's exponential_ is the slow part of multinomial there (13 ms against 4 ms
-    for 16 x 49k, a seventh of a decode step of the embedded model). Not the inverse CDF, which
-    is cheaper still but flips a draw wherever rounding moves any of 49k interval boundaries."""
+    """The next token of every row: argmax at temperature 0, else a draw from softmax(logits/T)
+    by the exponential race (kernels/sample.py: one fused pass over the logits on a GPU; fp64
+    uniforms on a CPU, where every loop draws the same tokens for a seed)."""
     if temperature <= 0:
         return logits.argmax(-1)
-    if temperature != 1:
-        logits = logits.float() / temperature
-    if logits.is_cuda:
-        return torch.multinomial(torch.softmax(logits, dim=-1, dtype=torch.float32), 1, generator=generator).flatten()
-    e = torch.rand(logits.shape, generator=generator, dtype=torch.float64).log_().neg_()
-    return (torch.softmax(logits, dim=-1, dtype=torch.float64) / e).argmax(-1)
+    return kernels.sample_next(logits, temperature, generator)
 
 
 class StopDetector:
