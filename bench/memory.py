@@ -46,9 +46,12 @@ def how_decoded(base) -> str:
     return "CUDA graph, compiled" if d.compiled else "CUDA graph"
 
 
-def twins(base, rows: int) -> str:
-    from nla.grpo import ref_in_rollout
-    return "in the rollout (twins)" if ref_in_rollout(base, rows) else "its own forward in the update"
+def twins(base, rows: int, G: int) -> str:
+    """Where GRPO's reference log-probs come from, and in how many decode passes the rollout runs."""
+    from nla.grpo import pass_rows, ref_in_rollout
+    per = pass_rows(base, rows, G)
+    where = "in the rollout (twins)" if ref_in_rollout(base, per) else "its own forward in the update"
+    return where + (f", {-(-rows // per)} decode passes of <= {per} rows" if per < rows else "")
 
 
 def peak_gb(dev) -> float:
@@ -106,7 +109,7 @@ def main():
         for step in range(a.steps):
             g = torch.Generator(device=dev).manual_seed(step)
             with Timer(base.device) as tr:
-                samples = rollout(base, spec, vecs, a.max_new, 1.0, g)
+                samples = rollout(base, spec, vecs, a.max_new, 1.0, g, G=a.group)
             for s in samples:
                 s.ok = True  # the worst case: the AR reads every explanation
             try:
@@ -120,7 +123,7 @@ def main():
             n_tok = sum(len(s.ids) for s in samples)
             if step == 0 and not results:
                 lens = ar_inputs(base.tokenizer, spec, [s.text for s in samples], "cpu")[1].float()
-                print(f"decode step: {how_decoded(base)}; KL reference: {twins(base, len(vecs))}; the AR reads "
+                print(f"decode step: {how_decoded(base)}; KL reference: {twins(base, len(vecs), a.group)}; the AR reads "
                       f"{lens.mean():.0f} tokens a row (max {lens.max():.0f}) after its {len(spec.ar_prefix_ids)}-token "
                       f"prefix", flush=True)
             times.append((tr.s, tu.s))
@@ -135,7 +138,7 @@ def main():
     if a.rollout_ab and rollouts:
         # what the defaults are worth here: the rollout with its step captured but not compiled, with
         # and without the reference's twins, and the update that then runs the reference forward
-        print(f"rollout as above ({how_decoded(base)}, {twins(base, len(vecs))}): best {min(rollouts):.2f}s", flush=True)
+        print(f"rollout as above ({how_decoded(base)}, {twins(base, len(vecs), a.group)}): best {min(rollouts):.2f}s", flush=True)
         os.environ["NLA_COMPILE_DECODE"] = "0"
         for flag in ("1", "0"):
             os.environ["NLA_REF_IN_ROLLOUT"] = flag
@@ -143,9 +146,9 @@ def main():
             for step in range(2):
                 g = torch.Generator(device=dev).manual_seed(step)
                 with Timer(base.device) as tr:
-                    samples = rollout(base, spec, vecs, a.max_new, 1.0, g)
+                    samples = rollout(base, spec, vecs, a.max_new, 1.0, g, G=a.group)
                 secs.append(tr.s)
-            print(f"rollout, {how_decoded(base)}, {twins(base, len(vecs))}: {secs[-1]:.2f}s", flush=True)
+            print(f"rollout, {how_decoded(base)}, {twins(base, len(vecs), a.group)}: {secs[-1]:.2f}s", flush=True)
         for s in samples:
             s.ok = True
         if grpo_times:  # the last plan ran: its update once more, now with the reference forward

@@ -177,7 +177,7 @@ def main():
             os.environ["NLA_KERNELS"] = mode
             g = torch.Generator(device=dev).manual_seed(step)
             with Timer(dev) as tg:
-                samples = rollout(base, spec, vecs, a.max_new, 1.0, g)  # as training does it
+                samples = rollout(base, spec, vecs, a.max_new, 1.0, g, G=a.group)  # as training does it
             for s in samples:
                 s.ok = True  # the worst case for the update: every explanation goes through the AR
             with Timer(dev) as tu:

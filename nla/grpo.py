@@ -20,7 +20,7 @@ import torch
 
 import kernels
 
-from . import dist, lora
+from . import decoding, dist, lora
 from .reconstructor import reconstruct
 from .reward import mse, score
 from .verbalizer import generate, response_logprobs
@@ -30,7 +30,7 @@ def rl_step(base, spec, head, vectors, opt_av, opt_ar, G: int, max_new: int, tem
             kl_coef: float = 0.01, clip_eps: float = 0.2, generator=None, micro: int = 0) -> dict:
     t0 = time.time()
     vecs = vectors.repeat_interleave(G, 0).to(base.device)  # this rank's activations, G rows each
-    samples = rollout(base, spec, vecs, max_new, temperature, generator, kl_coef)
+    samples = rollout(base, spec, vecs, max_new, temperature, generator, kl_coef, G)
     return update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps, t0, micro)
 
 
@@ -50,10 +50,44 @@ def ref_in_rollout(base, rows: int) -> bool:
     return base.device.type == "cuda" and not lora.merge_wanted(base.model) and 2 * rows <= kernels.nf4.MAX_ROWS
 
 
-def rollout(base, spec, vecs, max_new: int, temperature: float = 1.0, generator=None, kl_coef: float = 0.01) -> list:
-    """The AV's samples for an RL step, with the reference's log-probs where that pays (ref_in_rollout)."""
-    ref = "ref" if kl_coef > 0 and ref_in_rollout(base, len(vecs)) else None
-    return generate(base, spec, vecs, max_new, temperature, generator=generator, ref_role=ref)
+def pass_rows(base, rows: int, G: int = 1) -> int:
+    """Rows per decode pass of a rollout: all of them, except on a 4-bit base on a GPU whose decode
+    step goes through kernels.nf4 (decoding._all_nf4_kernel), where more rows than the kernel
+    serves with the reference's twins (MAX_ROWS / 2) would fall back to bitsandbytes for the whole
+    rollout: no compile, no twins, every weight dequantised to a bf16 copy and reread each step
+    (~4.5 bytes a weight, against the kernel's 0.5). Then the rollout runs in passes of whole
+    groups of at most MAX_ROWS / 2 rows, all of one size but a shorter last one (one decode graph
+    serves them): the gpu preset's 32 x G=8 = 256 rows as 4 passes of 64, each with its twins and
+    compiled. Not yet timed against one bitsandbytes pass on a GPU (by an estimate from the last
+    measured step and the kernel's SASS, ~2x: bench/RESULTS.md). NLA_ROLLOUT_ROWS=N caps the rows per pass (0: one pass)."""
+    forced = os.environ.get("NLA_ROLLOUT_ROWS", "")
+    if forced:
+        cap = int(forced)
+    else:
+        cap = kernels.nf4.MAX_ROWS // 2
+        dtype = base.model.get_input_embeddings().weight.dtype
+        if (base.device.type != "cuda" or rows <= cap or not any(decoding._quantised(m) for m in base.model.modules())
+                or not decoding._all_nf4_kernel(base.model, 2 * cap, dtype)):
+            return rows
+    if cap <= 0 or rows <= cap:
+        return rows
+    groups = -(-rows // G)
+    passes = -(-groups // max(1, cap // G))
+    return -(-groups // passes) * G
+
+
+def rollout(base, spec, vecs, max_new: int, temperature: float = 1.0, generator=None, kl_coef: float = 0.01,
+            G: int = 1) -> list:
+    """The AV's samples for an RL step (vecs: G rows per activation, adjacent), with the reference's
+    log-probs where that pays (ref_in_rollout), in passes where one would not fit the 4-bit
+    decode kernel (pass_rows)."""
+    per = pass_rows(base, len(vecs), G)
+    out = []
+    for i in range(0, len(vecs), per):
+        v = vecs[i:i + per]
+        ref = "ref" if kl_coef > 0 and ref_in_rollout(base, len(v)) else None
+        out += generate(base, spec, v, max_new, temperature, generator=generator, ref_role=ref)
+    return out
 
 
 def _chunks(n: int, micro: int, G: int = 1) -> list[slice]:

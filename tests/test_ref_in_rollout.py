@@ -84,6 +84,34 @@ def test_update_reads_the_rollouts_reference(tiny_path, monkeypatch, count_calls
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
 
 
+def test_rollout_in_passes_of_whole_groups(tiny_path, monkeypatch):
+    """A rollout too big for the 4-bit decode kernel runs in passes of whole groups (grpo.pass_rows):
+    one pass on a CPU whatever the rows; passes of one size but a shorter last one, none above the cap
+    (a group alone where G exceeds it); in passes, the greedy samples of one pass, the reference's
+    twins in every pass, and the same draws for the same seed."""
+    base = _base(tiny_path)
+    spec = _spec(base)
+    assert grpo.pass_rows(base, 256, 8) == 256  # a CPU: nothing to fit
+    monkeypatch.setenv("NLA_ROLLOUT_ROWS", "64")
+    assert [grpo.pass_rows(base, n, 8) for n in (64, 256, 240, 72)] == [64, 64, 64, 40]
+    monkeypatch.setenv("NLA_ROLLOUT_ROWS", "4")
+    assert [grpo.pass_rows(base, n, G) for n, G in ((6, 2), (8, 2), (9, 3), (10, 5))] == [4, 4, 3, 5]
+    v = torch.randn(3, base.d_model, generator=torch.Generator().manual_seed(2)).repeat_interleave(2, 0)
+    calls = []
+    real = grpo.generate
+    monkeypatch.setattr(grpo, "generate", lambda b, s, vecs, *a, **k: calls.append(len(vecs)) or real(b, s, vecs, *a, **k))
+    monkeypatch.setenv("NLA_ROLLOUT_ROWS", "0")
+    one = grpo.rollout(base, spec, v, 6, 0.0, G=2)
+    monkeypatch.setenv("NLA_ROLLOUT_ROWS", "4")
+    monkeypatch.setenv("NLA_REF_IN_ROLLOUT", "1")
+    parts = grpo.rollout(base, spec, v, 6, 0.0, G=2)
+    assert calls == [6, 4, 2]
+    assert [s.ids for s in parts] == [s.ids for s in one] and all(s.ref_lp is not None for s in parts)
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    assert [s.ids for s in grpo.rollout(base, spec, v, 6, 1.0, g(), G=2)] == \
+        [s.ids for s in grpo.rollout(base, spec, v, 6, 1.0, g(), G=2)]
+
+
 def test_when_the_reference_rides_along(tiny_path, monkeypatch):
     import kernels
     base = _base(tiny_path)
