@@ -15,9 +15,9 @@ then compiled for each target), and the machine code read back:
 
     python bench/sass.py [--arch 80,89,90] [--sweep]
 
---sweep compiles the nf4 kernel over tile sizes, warps and stages for the row tiles it uses and
-prints each candidate (the table kernels/nf4.py's TILES came from, and one row tile for 2 x MAX_ROWS). tests/test_kernels.py checks
-that every launch compiles for sm_80 and sm_90 with no spill and within 99 KB.
+--sweep compiles the nf4 kernel's candidate tiles (sizes and warps) for each row tile it uses, and
+one row tile for 2 x MAX_ROWS: the table kernels/nf4.py's TILES came from. --check exits 1 on a
+spill or more than 99 KB; tests/test_kernels.py runs it for sm_80 and sm_90.
 """
 import os
 import sys
@@ -123,8 +123,8 @@ def compile_stats(fn, sig: dict, consts: dict, opts: dict, arch: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(c.asm["cubin"])
         f.flush()
-        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+        dump = lambda flag: subprocess.run([_tool("cuobjdump"), flag, f.name], capture_output=True, text=True).stdout  # noqa: E731
+        usage, sass = dump("--dump-resource-usage"), dump("-sass")
     return dict(regs=int(re.search(r"REG:(\d+)", usage).group(1)), spill=int(re.search(r"STACK:(\d+)", usage).group(1)),
                 smem=c.metadata.shared, loop=loop_length(sass))
 
@@ -172,7 +172,8 @@ def sweep(arches) -> None:
                     c = dict(consts, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
                     o = dict(num_warps=warps, num_stages=nf4.STAGES)
                     for arch in arches:
-                        print(row("nf4", describe("nf4", c, o), arch, compile_stats(fn, sig, c, o, arch), c, o), flush=True)
+                        s = compile_stats(fn, sig, c, o, arch)
+                        print(row("nf4", describe("nf4", c, o), arch, s, c, o), flush=True)
 
 
 def main():

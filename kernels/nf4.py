@@ -9,15 +9,16 @@ packed nibbles and its block scales, dequantises them exactly as bitsandbytes do
 decode batch's few rows enough programs to fill the GPU.
 
 At 0.5 bytes a weight the kernel has only a few instructions per weight before it is slower than
-memory (an H200 can issue ~4 per weight at its bandwidth: 132 SMs x 4 warp-instructions a cycle), so the dequantisation is cut to the bone,
-by its compiled SASS (`bench/sass.py`, no GPU needed): one gather per BYTE from a 256-entry table
-of code pairs (two fp32 codes in an int64) instead of one per nibble with its shifts; the even and
-odd elements of K as two dots (the dot's sum does not care about order, so the nibbles are never
-interleaved back); the weight tile as the dot's left operand; no masks along K (whole blocks by
-construction) nor N (clamped loads where N is ragged); and one row tile for up to 128 rows, so each
-weight is dequantised once per step. On sm_90: 15-24 instructions per weight before (47 at 128
-rows, two row tiles), 8-13 now, and no register spill on sm_80/89/90 (the 64-row tile spilled
-672-1,160 bytes). Not yet timed on a GPU: `bench/kernels.py --only nf4` does.
+memory (an H200 can issue ~4 per weight at its bandwidth: 132 SMs x 4 warp-instructions a cycle),
+so the dequantisation is cut to the bone, by its compiled SASS (`bench/sass.py`, no GPU needed):
+one gather per BYTE from a 256-entry table of code pairs (two fp32 codes in an int64) instead of
+one per nibble with its shifts; the even and odd elements of K as two dots (the dot's sum does not
+care about order, so the nibbles are never interleaved back); the weight tile as the dot's left
+operand; no masks along K (whole blocks by construction) nor N (clamped loads where N is ragged);
+and one row tile for up to 128 rows, so each weight is dequantised once per step. On sm_90: 15-24
+instructions per weight before (47 at 128 rows, two row tiles), 8-13 now, and no register spill on
+sm_80/89/90 (the 64-row tile spilled 672-1,160 bytes). Not yet timed on a GPU: `bench/kernels.py
+--only nf4` does.
 
 Format (bitsandbytes, quant_type nf4): W [N, K] flattened row-major; byte i holds elements 2i
 (high nibble) and 2i+1 (low nibble); element e is scaled by absmax[e // blocksize]. Double

@@ -58,8 +58,9 @@ def pass_rows(base, rows: int, G: int = 1) -> int:
     (~4.5 bytes a weight, against the kernel's 0.5). Then the rollout runs in passes of whole
     groups of at most MAX_ROWS / 2 rows, all of one size but a shorter last one (one decode graph
     serves them): the gpu preset's 32 x G=8 = 256 rows as 4 passes of 64, each with its twins and
-    compiled. Not yet timed against one bitsandbytes pass on a GPU (by an estimate from the last
-    measured step and the kernel's SASS, ~2x: bench/RESULTS.md). NLA_ROLLOUT_ROWS=N caps the rows per pass (0: one pass)."""
+    compiled. Not yet timed against one bitsandbytes pass on a GPU (~2x by an estimate from the
+    last measured step and the kernel's SASS: bench/RESULTS.md). NLA_ROLLOUT_ROWS=N caps the rows
+    per pass (0: one pass)."""
     forced = os.environ.get("NLA_ROLLOUT_ROWS", "")
     if forced:
         cap = int(forced)

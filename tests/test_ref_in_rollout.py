@@ -99,7 +99,8 @@ def test_rollout_in_passes_of_whole_groups(tiny_path, monkeypatch):
     v = torch.randn(3, base.d_model, generator=torch.Generator().manual_seed(2)).repeat_interleave(2, 0)
     calls = []
     real = grpo.generate
-    monkeypatch.setattr(grpo, "generate", lambda b, s, vecs, *a, **k: calls.append(len(vecs)) or real(b, s, vecs, *a, **k))
+    monkeypatch.setattr(grpo, "generate",
+                        lambda b, s, vecs, *a, **k: calls.append(len(vecs)) or real(b, s, vecs, *a, **k))
     monkeypatch.setenv("NLA_ROLLOUT_ROWS", "0")
     one = grpo.rollout(base, spec, v, 6, 0.0, G=2)
     monkeypatch.setenv("NLA_ROLLOUT_ROWS", "4")
