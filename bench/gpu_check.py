@@ -13,8 +13,9 @@ failure or hang does not eat the rest, and ends with a one-screen summary:
     rl-1.5b    the same on a random Qwen2.5-1.5B shape (batch 64, cap 150: the issue's targets)
     memory     bench/memory.py: a Qwen2.5-7B-shaped nf4 RL step, time and peak memory, with gradient
                checkpointing and without; its rollout with the decode step compiled and not
-    nf4        bench/kernels.py --only nf4,sample: the 4-bit decode matmul against bitsandbytes, and
-               the fused next-token draw against torch.multinomial
+    nf4        bench/kernels.py --only nf4,sample,attention: the 4-bit decode matmul against
+               bitsandbytes, the fused next-token draw against torch.multinomial, the decode attention
+               that reads the cache up to its fill against SDPA
     e2e        collect -> train --preset gpu (scaled down) -> explain -> eval on a random model
     profile, memory-profile, memory-torch
                diagnoses: the decode step's and the update's kernels at 1.5B, the 7B update's
@@ -46,7 +47,7 @@ STAGES = [
                    f"tests/test_shared_prefix.py tests/test_ref_in_rollout.py::test_twins_on_cuda_with_a_4bit_base",
      r"passed|failed|error"),
     ("kernels", 45, f"{PY} bench/kernels.py --quick", r"target|MISSED|met|speed-up|x$"),
-    ("nf4", 35, f"{PY} bench/kernels.py --quick --only nf4,sample", r"copy bandwidth|x \d+ x|\d+ x \d+ "),
+    ("nf4", 35, f"{PY} bench/kernels.py --quick --only nf4,sample,attention", r"copy bandwidth|x \d+ x|\d+ x \d+ "),
     ("rl-smol", 40, f"{PY} bench/rl_step.py --shape smollm2 --acts 8 --group 8 --max-new 64 --steps 2 --loops ours,ours-adapters,reference",
      r"roofline|ours|old eager|torch |triton |failed"),
     # (the graph-only loop "ours" was measured on an H200: 0.825 s; its place goes to the memory stage)

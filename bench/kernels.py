@@ -9,12 +9,15 @@ log_softmax, the chunked torch path and the Triton path. It ends by checking the
 Triton >= 1.0x the chunked torch path at every size, >= 1.5x at N=9600 with V=152k, and no more
 peak memory than the chunked torch path.
 
-    python bench/kernels.py [--dtype bf16|fp32] [--quick] [--only inject,reward,logprobs,nf4,sample] [--weight-grad]
+    python bench/kernels.py [--dtype bf16|fp32] [--quick] [--only inject,reward,logprobs,nf4,sample,attention]
+                            [--weight-grad]
 
 nf4: a decode step's projections with a 4-bit base, bitsandbytes against kernels.nf4 (the nf4 bytes
 read per ms against the copy bandwidth), beside a bf16 GEMM of the same shape.
 sample: a decode step's draw of the next token of every row (torch.multinomial's softmax,
 exponentials, divide and argmax against one fused pass), and the logits read per ms.
+attention: a decode step's attention over a static cache filled to 150 of 226 slots (SDPA with the
+mask, which reads every slot, against the kernel that reads the filled ones), per layer.
 """
 import os
 import sys
@@ -185,6 +188,23 @@ def bench_sample(shapes, dev):
               f"{gb / k_ms / 1e6:6.0f} GB/s ({gb / k_ms / 1e6 / PEAK:.0%} of copy)")
 
 
+def bench_attention(shapes, dev):
+    """One layer's attention of a decode step, halfway through a rollout: [b, h, 1, d] queries over
+    a [b, kvh, 226, d] bf16 cache filled to 150 slots."""
+    print("\ndecode attention over a static cache filled to 150 of 226 slots (one layer)")
+    print(f"{'shape':16} {'rows x heads/kv x d':28} {'torch ms':>9} {'triton ms':>9} {'speedup':>8}  filled KV GB/s")
+    for name, b, h, kvh, d in shapes:
+        S, filled = 226, 150
+        q = torch.randn(b, h, 1, d, device=dev, dtype=torch.bfloat16)
+        k, v = (torch.randn(b, kvh, S, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        mask = (torch.arange(S, device=dev) < filled)[None, None, None, :].expand(b, 1, 1, S)
+        t_ms = bench_ms(lambda: kernels.decode_attention_torch(q, k, v, mask, d ** -0.5))
+        k_ms = bench_ms(lambda: kernels.decode_attention_triton(q, k, v, mask, d ** -0.5))
+        gb = 2 * b * kvh * filled * d * 2
+        print(f"{name:16} {f'{b} x {h}/{kvh} x {d}':28} {t_ms:9.3f} {k_ms:9.3f} {t_ms / k_ms:7.2f}x  "
+              f"{gb / k_ms / 1e6:6.0f} GB/s ({gb / k_ms / 1e6 / PEAK:.0%} of copy)")
+
+
 def check_targets(records):
     print("\nlog-prob targets (triton against the chunked torch path):")
     worst_f = min(records, key=lambda r: r["fwd"])
@@ -211,7 +231,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--quick", action="store_true", help="fewer sizes")
-    ap.add_argument("--only", default="inject,reward,logprobs,nf4,sample", help="kernel families, comma-separated")
+    ap.add_argument("--only", default="inject,reward,logprobs,nf4,sample,attention", help="kernel families, comma-separated")
     ap.add_argument("--weight-grad", action="store_true", help="log-probs backward also into the head")
     a = ap.parse_args()
     if not torch.cuda.is_available():
@@ -241,6 +261,9 @@ def main():
     if "sample" in only:
         # SmolLM2's vocabulary at 16 rows (the CPU recipe's rollouts), Qwen2.5's at 64 (the issue's)
         bench_sample([(16, 49152), (64, 151936), (256, 151936)], dev)
+    if "attention" in only:
+        # the 1.5B rollout's 64 rows; the 7B one's 64 rows with their KL twins
+        bench_attention([("qwen2.5-1.5b", 64, 12, 2, 128), ("qwen2.5-7b twins", 128, 28, 4, 128)], dev)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import tempfile
 import torch
 
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64",
-         torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8"}
+         torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
 SMEM_LIMIT = 101376  # bytes a block may use on sm_86/sm_89 (99 KB)
 
 
@@ -53,12 +53,13 @@ def launches(nf4_rows=(1, 32, 64, 128)) -> list[tuple]:
     import kernels.logprobs as lp
     import kernels.nf4 as nf4
     import kernels.reward as rw
+    import kernels.attention as att
     import kernels.sample as smp
     calls: list = []
-    saved = (nf4._K, lp._K, rw._K, inj._K, smp._K)
+    saved = (nf4._K, lp._K, rw._K, inj._K, smp._K, att._K)
     interp = os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not the interpreter's (as in CI)
     try:
-        nf4._K = lp._K = rw._K = inj._K = smp._K = None
+        nf4._K = lp._K = rw._K = inj._K = smp._K = att._K = None
         nf4._K = _Recorder(nf4._k(), "nf4", calls)
         k = lp._k()
         lp._K = (_Recorder(k[0], "logprobs.lse_pick", calls), _Recorder(k[1], "logprobs.dlogits", calls))
@@ -66,6 +67,7 @@ def launches(nf4_rows=(1, 32, 64, 128)) -> list[tuple]:
         k = inj._k()
         inj._K = (_Recorder(k[0], "inject.replace", calls), _Recorder(k[1], "inject.add", calls))
         smp._K = _Recorder(smp._k(), "sample", calls)
+        att._K = _Recorder(att._k(), "decode_attention", calls)
         bf = torch.bfloat16
         d, V, N, K = 3584, 152064, 18944, 3584
         for m in nf4_rows:
@@ -81,8 +83,12 @@ def launches(nf4_rows=(1, 32, 64, 128)) -> list[tuple]:
         inj.inject_replace_triton(torch.zeros(V, d, dtype=bf), ids, slots, torch.zeros(2, d), 150.0)
         inj.inject_add_triton(torch.zeros(2, 5, d, dtype=bf), slots, torch.zeros(2, d))
         smp.sample_next_triton(torch.zeros(64, V, dtype=bf), 1.0, torch.zeros(1, dtype=torch.long))
+        S, kvh = 226, 4  # Qwen2.5-7B: 28 query heads on 4 key/value heads of 128
+        att._decode_attention_op(torch.zeros(128, 28, 1, 128, dtype=bf), torch.zeros(128, kvh, S, 128, dtype=bf),
+                                 torch.zeros(128, kvh, S, 128, dtype=bf), torch.ones(128, 1, 1, S, dtype=torch.bool),
+                                 128 ** -0.5)
     finally:
-        nf4._K, lp._K, rw._K, inj._K, smp._K = saved
+        nf4._K, lp._K, rw._K, inj._K, smp._K, att._K = saved
         if interp is not None:
             os.environ["TRITON_INTERPRET"] = interp
     return calls

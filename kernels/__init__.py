@@ -5,12 +5,14 @@
     token_logprobs                log p(token) for GRPO without a [tokens, vocab] fp32 tensor
     nf4_linear                    a decode step's matmul with a bitsandbytes nf4 weight, dequantised in registers
     sample_next                   the next token of every row from its logits, in one pass (the exponential race)
+    decode_attention              one new token per row over a static KV cache, reading only what it may see
 
 The unsuffixed names dispatch (Triton on CUDA, torch on CPU, NLA_KERNELS=torch|triton forces);
 `*_torch` and `*_triton` are the two implementations, with the same signatures, for tests and
 benchmarks. Note: bitsandbytes probes for an unrelated Hugging Face package also called
 `kernels` and finds this one; it falls back quietly, which is harmless.
 """
+from .attention import decode_attention, decode_attention_torch, decode_attention_triton
 from .dispatch import backend
 from .inject import (inject_add, inject_add_torch, inject_add_triton, inject_replace,
                      inject_replace_torch, inject_replace_triton)
@@ -20,7 +22,7 @@ from .nf4 import prepare as nf4_prepare
 from .reward import RewardStats, reward_stats, reward_stats_torch, reward_stats_triton
 from .sample import sample_next, sample_next_torch, sample_next_triton
 
-__all__ = ["backend", "inject_add", "inject_add_torch", "inject_add_triton", "inject_replace",
+__all__ = ["backend", "decode_attention", "decode_attention_torch", "decode_attention_triton", "inject_add", "inject_add_torch", "inject_add_triton", "inject_replace",
            "inject_replace_torch", "inject_replace_triton", "nf4_linear", "nf4_linear_torch", "nf4_linear_triton",
            "nf4_prepare", "token_logprobs", "token_logprobs_torch",
            "token_logprobs_triton", "RewardStats", "reward_stats", "reward_stats_torch",

@@ -103,20 +103,18 @@ PACKED = "nla_packed_gqa"
 
 
 def packed_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kw):
-    """SDPA for one query token with grouped key/value heads, without repeat_kv: the query heads
-    that share a key/value head are laid out as that head's query positions (a reshape: head j
-    reads key/value head j // groups, as repeat_kv orders them), so the cache is read as it is
-    stored. Anything else goes to Hugging Face's SDPA function unchanged."""
+    """Attention for one query token with grouped key/value heads, without repeat_kv: the query
+    heads that share a key/value head read it together (head j reads key/value head j // groups,
+    as repeat_kv orders them), so the cache is read as it is stored; on a GPU only up to where it
+    is filled (kernels/attention.py). Anything else goes to Hugging Face's SDPA function unchanged."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     groups = getattr(module, "num_key_value_groups", 1)
     if (query.shape[2] != 1 or groups == 1 or attention_mask is None or attention_mask.shape[1] != 1 or dropout
             or any(kw.get(k) is not None for k in ("position_bias", "softcap", "s_aux"))):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kw)
-    b, h, _, d = query.shape
-    out = torch.nn.functional.scaled_dot_product_attention(query.reshape(b, h // groups, groups, d), key, value,
-                                                           attn_mask=attention_mask, scale=scaling)
-    return out.reshape(b, h, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return kernels.decode_attention(query, key, value, attention_mask, scale), None
 
 
 def packed_gqa(model):

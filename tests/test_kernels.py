@@ -405,8 +405,8 @@ def test_every_launch_compiles_for_gpus_without_spills():
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     names = [ln.split()[0] for ln in r.stdout.splitlines() if "sm_90" in ln]
-    assert sorted(set(names)) == ["inject.add", "inject.replace", "logprobs.dlogits", "logprobs.lse_pick", "nf4",
-                                  "reward", "sample"]
+    assert sorted(set(names)) == ["decode_attention", "inject.add", "inject.replace", "logprobs.dlogits",
+                                  "logprobs.lse_pick", "nf4", "reward", "sample"]
     assert names.count("nf4") == len(kernels.nf4.TILES)  # every row tile
 
 
@@ -438,3 +438,45 @@ def test_sample_next_triton_draws_from_the_softmax(monkeypatch):
     one = torch.full((100, 37), -inf)
     one[:, 30] = 0.0
     assert (kernels.sample_next_triton(one.to(DEV, torch.bfloat16), 1.0, seed(2)).cpu() == 30).all()
+
+
+def _decode_inputs(b, kvh, G, S, d, filled, dtype, seed=0):
+    """A decode step's query and a static cache filled up to `filled` per row (a prefix mask), the
+    slots beyond it holding junk, as a static cache's do."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, kvh * G, 1, d, generator=g).to(DEV, dtype)
+    k, v = (torch.randn(b, kvh, S, d, generator=g).to(DEV, dtype) for _ in range(2))
+    mask = (torch.arange(S)[None, :] < torch.tensor(filled)[:, None])[:, None, None, :].to(DEV)
+    return q, k, v, mask
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else []))
+@pytest.mark.parametrize("b,kvh,G,S,d,filled", [
+    (1, 1, 1, 5, 16, [5]),                 # one head, a cache shorter than a block
+    (3, 2, 3, 70, 32, [1, 64, 70]),        # a ragged last block, rows filled to 1, a block edge, the end
+    (2, 2, 7, 226, 64, [77, 150]),         # Qwen2.5-7B's 7 query heads per key/value head, the bench's cache
+    (2, 1, 16, 130, 16, [129, 3]),         # a full 16-head tile
+])
+def test_decode_attention(dtype, b, kvh, G, S, d, filled):
+    """Attention of one token over a partly filled static cache: as SDPA with the mask, whatever
+    the junk beyond the filled slots (they are never read), in the [b, 1, heads, d] layout."""
+    q, k, v, mask = _decode_inputs(b, kvh, G, S, d, filled, dtype)
+    assert kernels.attention.triton_serves(q, k, v, mask)
+    want = kernels.decode_attention_torch(q, k, v, mask, d ** -0.5)
+    got = kernels.decode_attention_triton(q, k, v, mask, d ** -0.5)
+    assert got.shape == (b, 1, kvh * G, d) and got.is_contiguous()
+    torch.testing.assert_close(got, want, **tol(dtype))
+    k2, v2 = k.clone(), v.clone()
+    for i, n in enumerate(filled):
+        k2[i, :, n:], v2[i, :, n:] = float("nan"), float("nan")  # slots it must not read
+    torch.testing.assert_close(kernels.decode_attention_triton(q, k2, v2, mask, d ** -0.5), got, rtol=0, atol=0)
+
+
+def test_decode_attention_dispatch():
+    """What the kernel does not serve (a float mask, a head dim that is not a power of two) is left
+    to the SDPA path."""
+    q, k, v, mask = _decode_inputs(2, 2, 3, 40, 32, [10, 40], torch.float32)
+    serves = kernels.attention.triton_serves
+    assert serves(q, k, v, mask) and not serves(q, k, v, mask.float())
+    assert not serves(q[..., :24], k[..., :24], v[..., :24], mask)

@@ -129,6 +129,8 @@ def test_4bit_decode_step_compiles_whole(tiny_path, monkeypatch, av_on, compiled
     assert len(graphs) == 1
     ops = [n for n in graphs[0].graph.nodes if n.op == "call_function" and "nf4_partials" in str(n.target)]
     assert len(ops) == (4 if fused == "1" else 7) * q.n_layers
+    att = [n for n in graphs[0].graph.nodes if n.op == "call_function" and "decode_attention" in str(n.target)]
+    assert len(att) == q.n_layers  # the cache read up to its fill (kernels/attention.py), in the same graph
     assert _all_nf4_kernel(m, 3, torch.float16)
     assert not _all_nf4_kernel(m, nf4.MAX_ROWS + 1, torch.float16)  # past the kernel's rows: bitsandbytes
     assert not _all_nf4_kernel(m, 3, torch.float32)  # an fp32 base samples through the plain path
