@@ -36,8 +36,10 @@ def decode_attention(query, key, value, mask, scale: float):
 
 def triton_serves(query, key, value, mask) -> bool:
     d, groups = query.shape[-1], query.shape[1] // key.shape[1]
-    return (mask.dtype == torch.bool and mask.shape[-1] == key.shape[2] and d == pow2(d) and d >= 16
-            and value.shape[-1] == d and groups <= 64 and query.shape[1] % key.shape[1] == 0)
+    return (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[-1] == key.shape[2]
+            and mask.shape[0] in (1, query.shape[0]) and mask.shape[1] == mask.shape[2] == 1
+            and d == pow2(d) and d >= 16 and value.shape[-1] == d
+            and groups <= 64 and query.shape[1] % key.shape[1] == 0)
 
 
 def decode_attention_torch(query, key, value, mask, scale: float):
@@ -58,7 +60,7 @@ def _decode_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     if b:
         _k()[(b * kvh,)](query, key, value, mask, out, S, kvh, float(scale),
                          query.stride(0), query.stride(1), query.stride(3),
-                         *key.stride(), *value.stride(), mask.stride(0), mask.stride(3),
+                         *key.stride(), *value.stride(), mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(3),
                          G=h // kvh, BLOCK_G=max(16, pow2(h // kvh)), BLOCK_N=BLOCK_N, D=d,
                          IEEE=query.dtype == torch.float32, num_warps=4)
     return out

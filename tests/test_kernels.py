@@ -471,6 +471,9 @@ def test_decode_attention(dtype, b, kvh, G, S, d, filled):
     for i, n in enumerate(filled):
         k2[i, :, n:], v2[i, :, n:] = float("nan"), float("nan")  # slots it must not read
     torch.testing.assert_close(kernels.decode_attention_triton(q, k2, v2, mask, d ** -0.5), got, rtol=0, atol=0)
+    one = mask[:1]  # a mask broadcast over the rows
+    torch.testing.assert_close(kernels.decode_attention_triton(q, k, v, one, d ** -0.5),
+                               kernels.decode_attention_torch(q, k, v, one, d ** -0.5), **tol(dtype))
 
 
 def test_decode_attention_dispatch():
