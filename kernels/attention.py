@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import backend, empty, pow2
+from .dispatch import backend, dot_supported, empty, pow2
 
 BLOCK_N = 64  # cache positions per step of a program's loop
 
@@ -39,7 +39,7 @@ def triton_serves(query, key, value, mask) -> bool:
     return (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[-1] == key.shape[2]
             and mask.shape[0] in (1, query.shape[0]) and mask.shape[1] == mask.shape[2] == 1
             and d == pow2(d) and d >= 16 and value.shape[-1] == d
-            and groups <= 64 and query.shape[1] % key.shape[1] == 0)
+            and groups <= 64 and query.shape[1] % key.shape[1] == 0 and dot_supported(query.device, query.dtype))
 
 
 def decode_attention_torch(query, key, value, mask, scale: float):

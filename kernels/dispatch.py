@@ -47,6 +47,21 @@ def backend(*tensors: torch.Tensor) -> str:
     return "triton" if on_cuda and has_triton() else "torch"
 
 
+_MMA_BF16: dict = {}
+
+
+def dot_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Can a Triton kernel with tl.dot run in `dtype` on `device`? bf16 dots need sm_80 (Ampere)
+    or newer: on a T4 or V100 the kernels that multiply (nf4, decode attention) leave bf16 to
+    the torch path, which worked there before them."""
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return True
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _MMA_BF16:  # once per device: a decode step asks for every projection
+        _MMA_BF16[i] = torch.cuda.get_device_capability(i)[0] >= 8
+    return _MMA_BF16[i]
+
+
 def empty(shape, dtype, device) -> torch.Tensor:
     """Output buffers of the Triton paths. With NLA_KERNELS_POISON=1 they start as NaN (or -1),
     so a parity test sees any element a kernel forgot to write."""

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import backend, empty, pow2
+from .dispatch import backend, dot_supported, empty, pow2
 
 MAX_ROWS = 128  # a decode batch, or one with its KL reference's rows (lora.side_by_side); above it
 # a step dequantises every weight once per row tile (no 256-row tile compiles without spilling:
@@ -91,10 +91,11 @@ def nf4_linear_torch(x, packed, absmax, pairs, N, K, blocksize, bias=None):
 def usable(x, packed) -> bool:
     """Does the kernel pay for x: CUDA (or a forced Triton), a decode batch, no gradient, a 16-bit
     compute dtype on a GPU (the tiles are sized for it: fp32 ones need up to 145 KB of shared
-    memory, more than a consumer GPU has; fp32 runs on CUDA are for checks, not speed)?"""
+    memory, more than a consumer GPU has; fp32 runs on CUDA are for checks, not speed) that its
+    dots support (bf16 needs sm_80+)?"""
     rows = x.numel() // max(1, x.shape[-1])
     return not (rows > MAX_ROWS or (torch.is_grad_enabled() and x.requires_grad) or backend(x, packed) == "torch"
-                or (x.is_cuda and x.dtype == torch.float32))
+                or (x.is_cuda and x.dtype == torch.float32) or not dot_supported(x.device, x.dtype))
 
 
 def nf4_linear(x, module, prepared: tuple):

@@ -376,6 +376,10 @@ def test_nf4_linear_dispatch(monkeypatch, count_calls):
     x = torch.randn(3, 128, device=DEV, requires_grad=True)
     kernels.nf4_linear(x, q, p).sum().backward()
     assert len(calls) == 1 and x.grad is not None
+    monkeypatch.setattr(kernels.nf4, "dot_supported", lambda device, dtype: False)  # e.g. bf16 on a T4
+    with torch.no_grad():
+        kernels.nf4_linear(torch.randn(3, 128, device=DEV), q, p)
+    assert len(calls) == 1
     assert kernels.nf4_prepare(torch.nn.Linear(4, 4)) is None
 
 
@@ -476,10 +480,27 @@ def test_decode_attention(dtype, b, kvh, G, S, d, filled):
                                kernels.decode_attention_torch(q, k, v, one, d ** -0.5), **tol(dtype))
 
 
-def test_decode_attention_dispatch():
-    """What the kernel does not serve (a float mask, a head dim that is not a power of two) is left
-    to the SDPA path."""
+def test_decode_attention_dispatch(monkeypatch):
+    """What the kernel does not serve (a float mask, a head dim that is not a power of two, a dtype
+    the GPU has no dots for) is left to the SDPA path."""
     q, k, v, mask = _decode_inputs(2, 2, 3, 40, 32, [10, 40], torch.float32)
     serves = kernels.attention.triton_serves
     assert serves(q, k, v, mask) and not serves(q, k, v, mask.float())
     assert not serves(q[..., :24], k[..., :24], v[..., :24], mask)
+    monkeypatch.setattr(kernels.attention, "dot_supported", lambda device, dtype: False)
+    assert not serves(q, k, v, mask)
+
+
+def test_bf16_dots_only_where_the_gpu_has_them(monkeypatch):
+    """The kernels that multiply in Triton (nf4, decode attention) take bf16 only on sm_80+: a T4 or
+    V100 keeps the torch path, which ran there before them; fp16 and CPU tensors are not asked."""
+    from kernels import dispatch
+    asked = []
+    for cap, want in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(dispatch, "_MMA_BF16", {})
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i, c=cap: asked.append(i) or c)
+        assert dispatch.dot_supported(torch.device("cuda", 0), torch.bfloat16) is want
+        assert dispatch.dot_supported(torch.device("cuda", 0), torch.bfloat16) is want  # asked once
+        assert dispatch.dot_supported(torch.device("cuda", 0), torch.float16)
+        assert dispatch.dot_supported(torch.device("cpu"), torch.bfloat16)
+    assert asked == [0, 0, 0]
