@@ -14,7 +14,7 @@ transpose copy follows.
   torch   the reference and the fallback: SDPA with the query heads packed per key/value head
           (what nla/decoding.py ran before), which reads the whole cache.
   triton  the above; boolean masks (what Hugging Face's SDPA path builds), head dims that are a
-          power of two, 16-bit or fp32 (IEEE dots) tensors.
+          power of two, fp16, fp32 (IEEE dots), and bf16 where the GPU has bf16 dots (sm_80+).
 
 decode_attention(query [b, h, 1, d], key/value [b, kvh, S, d], mask [b, 1, 1, S] bool, scale)
 -> [b, 1, h, d].
