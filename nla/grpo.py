@@ -21,6 +21,7 @@ import torch
 import kernels
 
 from . import decoding, dist, lora
+from .errors import NLAError
 from .reconstructor import reconstruct
 from .reward import mse, score
 from .verbalizer import generate, response_logprobs
@@ -62,15 +63,15 @@ def pass_rows(base, rows: int, G: int = 1) -> int:
     last measured step and the kernel's SASS: bench/RESULTS.md). NLA_ROLLOUT_ROWS=N caps the rows
     per pass (0: one pass)."""
     forced = os.environ.get("NLA_ROLLOUT_ROWS", "")
+    if forced and not forced.isdigit():
+        raise NLAError(f"NLA_ROLLOUT_ROWS must be a number of rows (0: one pass), got {forced!r}")
+    model, cap = base.model, kernels.nf4.MAX_ROWS // 2
     if forced:
         cap = int(forced)
-    else:
-        cap = kernels.nf4.MAX_ROWS // 2
-        dtype = base.model.get_input_embeddings().weight.dtype
-        if (base.device.type != "cuda" or rows <= cap or not any(decoding._quantised(m) for m in base.model.modules())
-                or not decoding._all_nf4_kernel(base.model, 2 * cap, dtype)):
-            return rows
-    if cap <= 0 or rows <= cap:
+    elif not (base.device.type == "cuda" and any(decoding._quantised(m) for m in model.modules())
+              and decoding._all_nf4_kernel(model, 2 * cap, model.get_input_embeddings().weight.dtype)):
+        return rows
+    if cap == 0 or rows <= cap:
         return rows
     groups = -(-rows // G)
     passes = -(-groups // max(1, cap // G))

@@ -8,6 +8,7 @@ import torch
 
 import nla.grpo as grpo
 from nla import lora
+from nla.errors import NLAError
 from nla.models import load_base
 from nla.reconstructor import ARHead
 from nla.spec import build_spec
@@ -96,6 +97,10 @@ def test_rollout_in_passes_of_whole_groups(tiny_path, monkeypatch):
     assert [grpo.pass_rows(base, n, 8) for n in (64, 256, 240, 72)] == [64, 64, 64, 40]
     monkeypatch.setenv("NLA_ROLLOUT_ROWS", "4")
     assert [grpo.pass_rows(base, n, G) for n, G in ((6, 2), (8, 2), (9, 3), (10, 5))] == [4, 4, 3, 5]
+    monkeypatch.setenv("NLA_ROLLOUT_ROWS", "all")
+    with pytest.raises(NLAError, match="NLA_ROLLOUT_ROWS must be a number of rows"):
+        grpo.pass_rows(base, 6, 2)
+    monkeypatch.setenv("NLA_ROLLOUT_ROWS", "4")
     v = torch.randn(3, base.d_model, generator=torch.Generator().manual_seed(2)).repeat_interleave(2, 0)
     calls = []
     real = grpo.generate
