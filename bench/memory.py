@@ -54,6 +54,11 @@ def twins(base, rows: int, G: int) -> str:
     return where + (f", {-(-rows // per)} decode passes of <= {per} rows" if per < rows else "")
 
 
+def all_closed(samples) -> None:
+    for s in samples:
+        s.ok = True  # the worst case: the AR reads every explanation
+
+
 def peak_gb(dev) -> float:
     return torch.cuda.max_memory_allocated() / 1e9 if dev.type == "cuda" else float("nan")
 
@@ -110,8 +115,7 @@ def main():
             g = torch.Generator(device=dev).manual_seed(step)
             with Timer(base.device) as tr:
                 samples = rollout(base, spec, vecs, a.max_new, 1.0, g, G=a.group)
-            for s in samples:
-                s.ok = True  # the worst case: the AR reads every explanation
+            all_closed(samples)
             try:
                 with Timer(base.device) as tu:
                     m = update(base, spec, head, vecs, samples, opt_av, opt_ar, a.group, 0.01, 0.2, micro=micro)
@@ -149,16 +153,14 @@ def main():
                     samples = rollout(base, spec, vecs, a.max_new, 1.0, g, G=a.group)
                 secs.append(tr.s)
             print(f"rollout, {how_decoded(base)}, {twins(base, len(vecs), a.group)}: {secs[-1]:.2f}s", flush=True)
-        for s in samples:
-            s.ok = True
+        all_closed(samples)
         if grpo_times:  # the last plan ran: its update once more, now with the reference forward
             with Timer(base.device) as tu:
                 m = update(base, spec, head, vecs, samples, opt_av, opt_ar, a.group, 0.01, 0.2, micro=micro)
             print(f"[{plan}] update with the reference forward: {tu.s:.2f}s (AR {m['ar_time']:.2f}s, GRPO "
                   f"{m['grpo_time']:.2f}s; with the twins' log-probs, above: GRPO {min(grpo_times):.2f}s)", flush=True)
     if a.profile and results:
-        for s in samples:
-            s.ok = True
+        all_closed(samples)
         m = {}
         profile_ops(f"one update, plan {plan}", lambda: m.update(update(
             base, spec, head, vecs, samples, opt_av, opt_ar, a.group, 0.01, 0.2, micro=micro)), dev, 30,

@@ -22,8 +22,8 @@ from .nf4 import prepare as nf4_prepare
 from .reward import RewardStats, reward_stats, reward_stats_torch, reward_stats_triton
 from .sample import sample_next, sample_next_torch, sample_next_triton
 
-__all__ = ["backend", "decode_attention", "decode_attention_torch", "decode_attention_triton", "inject_add", "inject_add_torch", "inject_add_triton", "inject_replace",
-           "inject_replace_torch", "inject_replace_triton", "nf4_linear", "nf4_linear_torch", "nf4_linear_triton",
-           "nf4_prepare", "token_logprobs", "token_logprobs_torch",
-           "token_logprobs_triton", "RewardStats", "reward_stats", "reward_stats_torch",
+__all__ = ["backend", "decode_attention", "decode_attention_torch", "decode_attention_triton", "inject_add",
+           "inject_add_torch", "inject_add_triton", "inject_replace", "inject_replace_torch", "inject_replace_triton",
+           "nf4_linear", "nf4_linear_torch", "nf4_linear_triton", "nf4_prepare", "token_logprobs",
+           "token_logprobs_torch", "token_logprobs_triton", "RewardStats", "reward_stats", "reward_stats_torch",
            "reward_stats_triton", "sample_next", "sample_next_torch", "sample_next_triton"]

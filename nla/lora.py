@@ -331,6 +331,11 @@ def _prepare_nf4(model: nn.Module) -> None:
             m.nf4 = kernels.nf4_prepare(m.base) or ()
 
 
+def _release(groups: list[_Siblings]) -> None:
+    for g in groups:
+        g.x = g.z = None  # no activations held between rollouts
+
+
 @contextlib.contextmanager
 def inference_weights(model: nn.Module, role: str | None, dtype: torch.dtype):
     """Sampling weights for the live role, refreshed once on entry: merged weights (see
@@ -374,8 +379,7 @@ def inference_weights(model: nn.Module, role: str | None, dtype: torch.dtype):
         yield
     finally:
         sw.fast = prev
-        for g in groups + model.__dict__.get("_nla_nf4_groups", []):
-            g.x = g.z = None  # no activations held between rollouts
+        _release(groups + model.__dict__.get("_nla_nf4_groups", []))
 
 
 @contextlib.contextmanager
@@ -407,8 +411,7 @@ def side_by_side(model: nn.Module, roles: tuple[str, str], dtype: torch.dtype):
         yield
     finally:
         sw.pair = prev
-        for g in model.__dict__.get("_nla_nf4_groups", []):
-            g.x = g.z = None
+        _release(model.__dict__.get("_nla_nf4_groups", []))
 
 
 def _replaying(model: nn.Module):
