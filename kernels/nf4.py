@@ -167,10 +167,11 @@ def _splits(K: int, block_k: int, tiles: int, target: int = 264) -> int:
     return min(splits, key=lambda s: max(tiles * s / target, target / (tiles * s)))
 
 
-# (BLOCK_N, BLOCK_K, warps) per row tile, chosen by compiled SASS (bench/sass.py): the fewest
-# instructions per weight with no register spill on sm_80, sm_89 and sm_90, at most 73 KB of
-# shared memory (consumer GPUs have 99 KB a block); two pipeline stages
-TILES = {16: (64, 128, 4), 32: (128, 128, 8), 64: (128, 64, 8), 128: (128, 64, 8)}
+# (BLOCK_N, BLOCK_K, warps) per row tile, chosen by compiled SASS (bench/sass.py --sweep): the
+# fewest instructions per weight with no register spill on sm_80, sm_89 and sm_90 under Triton 3.6
+# (torch 2.11's) and 3.9 both, at most 49 KB of shared memory (consumer GPUs have 99 KB a block);
+# two pipeline stages. At 128 rows every candidate spills on sm_80/89 under 3.6 (not under 3.9)
+TILES = {16: (128, 64, 4), 32: (128, 64, 8), 64: (128, 64, 8), 128: (128, 64, 8)}
 STAGES = 2
 
 
