@@ -14,6 +14,8 @@ peak memory than the chunked torch path.
 
 nf4: a decode step's projections with a 4-bit base, bitsandbytes against kernels.nf4 (the nf4 bytes
 read per ms against the copy bandwidth), beside a bf16 GEMM of the same shape.
+nf4, sample and attention are timed as a decode step runs them, replayed in a CUDA graph (device
+time; the last column says "eager" where a call could not be captured).
 sample: a decode step's draw of the next token of every row (torch.multinomial's softmax,
 exponentials, divide and argmax against one fused pass), and the logits read per ms.
 attention: a decode step's attention over a static cache filled to 150 of 226 slots (SDPA with the
@@ -45,6 +47,32 @@ def bench_ms(fn, reps: int = 50) -> float:
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b))
     return sorted(times)[len(times) // 2]
+
+
+def graph_ms(fn, reps: int = 20, inner: int = 10) -> tuple[float, bool]:
+    """(median device ms per call, captured?) of `fn` replayed in a CUDA graph of `inner` calls: how
+    a decode step runs its kernels, with no host time between them (one eager call of a custom op
+    and a Triton launch costs ~0.2 ms of host time, more than these kernels take). A call that
+    cannot be captured is timed eagerly instead (False)."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(inner):
+                fn()
+    except Exception:
+        torch.cuda.synchronize()
+        return bench_ms(fn), False
+    return bench_ms(g.replay, reps) / inner, True
+
+
+def _how(*captured: bool) -> str:
+    return "graph" if all(captured) else "/".join("graph" if c else "eager" for c in captured)
 
 
 def peak_mib(fn):
@@ -164,12 +192,12 @@ def bench_nf4(rows, dev):
         for m in rows:
             x = torch.randn(m, K, device=dev, dtype=torch.bfloat16)
             with torch.no_grad():
-                t_ms = bench_ms(lambda: q(x))
-                k_ms = bench_ms(lambda: kernels.nf4_linear_triton(x, *p))
-                g_ms = bench_ms(lambda: torch.nn.functional.linear(x, w))
+                t_ms, tg = graph_ms(lambda: q(x))
+                k_ms, kg = graph_ms(lambda: kernels.nf4_linear_triton(x, *p))
+                g_ms, gg = graph_ms(lambda: torch.nn.functional.linear(x, w))
             gb = N * K / 2 + N * K / p[5] * 4
             print(f"{name:16} {f'{m} x {N} x {K}':28} {t_ms:9.3f} {k_ms:9.3f} {t_ms / k_ms:7.2f}x  "
-                  f"{gb / k_ms / 1e6:6.0f} GB/s ({gb / k_ms / 1e6 / PEAK:.0%} of copy), {g_ms:.3f}")
+                  f"{gb / k_ms / 1e6:6.0f} GB/s ({gb / k_ms / 1e6 / PEAK:.0%} of copy), {g_ms:.3f}  {_how(tg, kg, gg)}")
         del q, p, w
         torch.cuda.empty_cache()
 
@@ -181,11 +209,11 @@ def bench_sample(shapes, dev):
     g = torch.Generator(device=dev).manual_seed(0)
     for rows, V in shapes:
         x = torch.randn(rows, V, device=dev, dtype=torch.bfloat16)
-        t_ms = bench_ms(lambda: kernels.sample_next_torch(x, 1.0, g))
-        k_ms = bench_ms(lambda: kernels.sample_next(x, 1.0, g))  # with its seed draw, as a rollout calls it
+        t_ms, tg = graph_ms(lambda: kernels.sample_next_torch(x, 1.0, g))
+        k_ms, kg = graph_ms(lambda: kernels.sample_next(x, 1.0, g))  # with its seed draw, as a rollout calls it
         gb = x.numel() * x.element_size()
         print(f"{'bf16':16} {f'{rows} x {V}':28} {t_ms:9.3f} {k_ms:9.3f} {t_ms / k_ms:7.2f}x  "
-              f"{gb / k_ms / 1e6:6.0f} GB/s ({gb / k_ms / 1e6 / PEAK:.0%} of copy)")
+              f"{gb / k_ms / 1e6:6.0f} GB/s ({gb / k_ms / 1e6 / PEAK:.0%} of copy)  {_how(tg, kg)}")
 
 
 def bench_attention(shapes, dev):
@@ -198,11 +226,11 @@ def bench_attention(shapes, dev):
         q = torch.randn(b, h, 1, d, device=dev, dtype=torch.bfloat16)
         k, v = (torch.randn(b, kvh, S, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
         mask = (torch.arange(S, device=dev) < filled)[None, None, None, :].expand(b, 1, 1, S)
-        t_ms = bench_ms(lambda: kernels.decode_attention_torch(q, k, v, mask, d ** -0.5))
-        k_ms = bench_ms(lambda: kernels.decode_attention_triton(q, k, v, mask, d ** -0.5))
+        t_ms, tg = graph_ms(lambda: kernels.decode_attention_torch(q, k, v, mask, d ** -0.5))
+        k_ms, kg = graph_ms(lambda: kernels.decode_attention_triton(q, k, v, mask, d ** -0.5))
         gb = 2 * b * kvh * filled * d * 2
         print(f"{name:16} {f'{b} x {h}/{kvh} x {d}':28} {t_ms:9.3f} {k_ms:9.3f} {t_ms / k_ms:7.2f}x  "
-              f"{gb / k_ms / 1e6:6.0f} GB/s ({gb / k_ms / 1e6 / PEAK:.0%} of copy)")
+              f"{gb / k_ms / 1e6:6.0f} GB/s ({gb / k_ms / 1e6 / PEAK:.0%} of copy)  {_how(tg, kg)}")
 
 
 def check_targets(records):

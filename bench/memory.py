@@ -139,6 +139,12 @@ def main():
             results.append((plan, min(r + u for r, u in times[1:] or times), peak_gb(dev)))
             rollouts.extend(r for r, _ in times[1:])
             summary(results[-1:], dev)  # now too: a stage cut short by its time cap keeps it
+    if a.profile and results:  # the last plan's update as it ran (before the A/B's rollouts)
+        all_closed(samples)
+        m = {}
+        profile_ops(f"one update, plan {plan}", lambda: m.update(update(
+            base, spec, head, vecs, samples, opt_av, opt_ar, a.group, 0.01, 0.2, micro=micro)), dev, 30,
+            lambda: f"AR {m['ar_time']:.3f} s, GRPO {m['grpo_time']:.3f} s under the profiler")
     if a.rollout_ab and rollouts:
         # what the defaults are worth here: the rollout with its step captured but not compiled, with
         # and without the reference's twins, and the update that then runs the reference forward
@@ -159,12 +165,6 @@ def main():
                 m = update(base, spec, head, vecs, samples, opt_av, opt_ar, a.group, 0.01, 0.2, micro=micro)
             print(f"[{plan}] update with the reference forward: {tu.s:.2f}s (AR {m['ar_time']:.2f}s, GRPO "
                   f"{m['grpo_time']:.2f}s; with the twins' log-probs, above: GRPO {min(grpo_times):.2f}s)", flush=True)
-    if a.profile and results:
-        all_closed(samples)
-        m = {}
-        profile_ops(f"one update, plan {plan}", lambda: m.update(update(
-            base, spec, head, vecs, samples, opt_av, opt_ar, a.group, 0.01, 0.2, micro=micro)), dev, 30,
-            lambda: f"AR {m['ar_time']:.3f} s, GRPO {m['grpo_time']:.3f} s under the profiler")
     print(f"{base.name}: base weights {weights_gb:.2f} GB; adapters rank {a.rank} x 3 roles; "
           f"{a.acts} acts x G={a.group} x {a.max_new} tokens")
     summary(results, dev)

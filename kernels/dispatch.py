@@ -31,14 +31,20 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def forced() -> str:
+    """NLA_KERNELS: "torch", "triton" or "" (each kernel's own choice)."""
+    f = os.environ.get("NLA_KERNELS", "").strip().lower()
+    if f not in ("", "torch", "triton"):
+        raise ValueError(f"NLA_KERNELS must be torch or triton, got {f!r}")
+    return f
+
+
 def backend(*tensors: torch.Tensor) -> str:
-    forced = os.environ.get("NLA_KERNELS", "").strip().lower()
-    if forced not in ("", "torch", "triton"):
-        raise ValueError(f"NLA_KERNELS must be torch or triton, got {forced!r}")
-    if forced == "torch":
+    forced_ = forced()
+    if forced_ == "torch":
         return "torch"
     on_cuda = all(t.is_cuda for t in tensors)
-    if forced == "triton":
+    if forced_ == "triton":
         if not has_triton():
             raise RuntimeError("NLA_KERNELS=triton but triton is not installed (pip install triton)")
         if not on_cuda and not interpreting():

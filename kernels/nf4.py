@@ -17,8 +17,14 @@ care about order, so the nibbles are never interleaved back); the weight tile as
 operand; no masks along K (whole blocks by construction) nor N (clamped loads where N is ragged);
 and one row tile for up to 128 rows, so each weight is dequantised once per step. On sm_90: 15-24
 instructions per weight before (47 at 128 rows, two row tiles), 8-13 now, and no register spill on
-sm_80/89/90 (the 64-row tile spilled 672-1,160 bytes). Not yet timed on a GPU: `bench/kernels.py
---only nf4` does.
+sm_80/89/90 (the 64-row tile spilled 672-1,160 bytes).
+
+**Off by default: it loses to bitsandbytes.** Timed on an H200 (2026-11-27, device time in a CUDA
+graph, Qwen2.5-7B shapes: bench/RESULTS.md), it reads 40-265 GB/s, 0.21-0.78x bitsandbytes'
+dequantise-then-GEMM at every decode size, where the instruction counts above predicted ~1.8 TB/s:
+those counts are not what bounds it (the per-byte table gathers are the first suspect). So a
+4-bit base samples through bitsandbytes (its decode step captured, not compiled), and this kernel
+runs only where NLA_KERNELS=triton asks for it: its tests, and work on making it pay.
 
 Format (bitsandbytes, quant_type nf4): W [N, K] flattened row-major; byte i holds elements 2i
 (high nibble) and 2i+1 (low nibble); element e is scaled by absmax[e // blocksize]. Double
@@ -29,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import backend, dot_supported, empty, pow2
+from .dispatch import backend, dot_supported, empty, forced, pow2
 
 MAX_ROWS = 128  # a decode batch, or one with its KL reference's rows (lora.side_by_side); above it
 # a step dequantises every weight once per row tile (no 256-row tile compiles without spilling:
@@ -88,19 +94,25 @@ def nf4_linear_torch(x, packed, absmax, pairs, N, K, blocksize, bias=None):
 
 
 # ---------------------------------------------------------------- dispatch
+def enabled() -> bool:
+    """Is the kernel asked for (NLA_KERNELS=triton)? Not by default: it is slower than bitsandbytes
+    (the docstring above)."""
+    return forced() == "triton"
+
+
 def usable(x, packed) -> bool:
-    """Does the kernel pay for x: CUDA (or a forced Triton), a decode batch, no gradient, a 16-bit
-    compute dtype on a GPU (the tiles are sized for it: fp32 ones need up to 145 KB of shared
-    memory, more than a consumer GPU has; fp32 runs on CUDA are for checks, not speed) that its
-    dots support (bf16 needs sm_80+)?"""
+    """Can the kernel serve x where it is asked for: CUDA (or the interpreter), a decode batch, no
+    gradient, a 16-bit compute dtype on a GPU (the tiles are sized for it: fp32 ones need up to
+    145 KB of shared memory, more than a consumer GPU has) that its dots support (bf16: sm_80+)?"""
     rows = x.numel() // max(1, x.shape[-1])
-    return not (rows > MAX_ROWS or (torch.is_grad_enabled() and x.requires_grad) or backend(x, packed) == "torch"
-                or (x.is_cuda and x.dtype == torch.float32) or not dot_supported(x.device, x.dtype))
+    return not (not enabled() or rows > MAX_ROWS or (torch.is_grad_enabled() and x.requires_grad)
+                or backend(x, packed) == "torch" or (x.is_cuda and x.dtype == torch.float32)
+                or not dot_supported(x.device, x.dtype))
 
 
 def nf4_linear(x, module, prepared: tuple):
-    """module(x) for a bitsandbytes nf4 Linear4bit, through the kernel when it pays, else through
-    bitsandbytes."""
+    """module(x) for a bitsandbytes nf4 Linear4bit, through the kernel where it is asked for and
+    can serve, else through bitsandbytes."""
     return nf4_linear_triton(x, *prepared, bias=module.bias) if usable(x, prepared[0]) else module(x)
 
 

@@ -140,7 +140,8 @@ def _quantised(m) -> bool:
 
 def _all_nf4_kernel(model, n: int, dtype: torch.dtype) -> bool:
     """Does a decode step of n rows read every quantised weight through kernels.nf4 (a torch op,
-    which compiles) and none through bitsandbytes (whose ops are not known to)? So: every
+    which compiles) and none through bitsandbytes (whose ops are not known to)? So: the kernel is
+    asked for (kernels.nf4.enabled: off by default, it loses to bitsandbytes), every
     quantised module is an adapted projection in nf4, the rows fit the kernel, and sampling runs
     in a low-precision dtype (lora.inference_weights: an fp32 base samples through the plain path)
     that the kernel's dots support on this GPU (bf16: sm_80+)."""
@@ -148,7 +149,7 @@ def _all_nf4_kernel(model, n: int, dtype: torch.dtype) -> bool:
     served = {id(m.base) for m in model.modules() if isinstance(m, LoRALinear) and kernels.nf4.servable(m.base)}
     emb = model.get_input_embeddings().weight
     return (dtype != torch.float32 and n <= kernels.nf4.MAX_ROWS and kernels.dispatch.dot_supported(emb.device, dtype)
-            and kernels.backend(emb) == "triton"
+            and kernels.nf4.enabled() and kernels.backend(emb) == "triton"
             and all(id(m) in served for m in model.modules() if _quantised(m)))
 
 

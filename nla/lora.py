@@ -318,9 +318,10 @@ def _fused_wanted(device: torch.device) -> bool:
 
 def _prepare_nf4(model: nn.Module) -> None:
     """The decode kernel's view of every 4-bit projection, grouped where siblings can be (once:
-    the base is frozen), and the groups live or not for this call."""
+    the base is frozen), and the groups live or not for this call. Nothing where the kernel is not
+    asked for (kernels.nf4.enabled): bitsandbytes' weights stay where they are."""
     mods = _wrapped(model)
-    if not mods or not any(kernels.nf4.servable(m.base) for _, m in mods):
+    if not mods or not kernels.nf4.enabled() or not any(kernels.nf4.servable(m.base) for _, m in mods):
         return
     fused = _fused_wanted(mods[0][1].base.weight.device)
     for g in _nf4_groups(model):

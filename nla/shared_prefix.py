@@ -56,10 +56,12 @@ class SharedPrefix:
 def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(the distinct rows of x, index [n] of each row among them), compared bit for bit."""
     bits = x.detach().contiguous().view(torch.uint8).reshape(x.shape[0], -1)  # any dtype (a float unique may lack one)
-    _, index = torch.unique(bits, dim=0, return_inverse=True)
-    first = torch.full((int(index.max()) + 1,), x.shape[0], dtype=torch.long, device=x.device)
-    first.scatter_reduce_(0, index, torch.arange(x.shape[0], device=x.device), "amin")
-    return x[first], index
+    # on the host: torch's unique over rows on a GPU sorts byte columns, 43 ms for 64 rows of 6 KB
+    # on an H200 (a tenth of a 1.5B rollout's device time); the copy and a CPU sort take ~1 ms
+    _, index = torch.unique(bits.cpu(), dim=0, return_inverse=True)
+    first = torch.full((int(index.max()) + 1,), x.shape[0], dtype=torch.long)
+    first.scatter_reduce_(0, index, torch.arange(x.shape[0]), "amin")
+    return x[first.to(x.device)], index.to(x.device)
 
 
 def shared_prefix_attention(module, query, key, value, attention_mask, nla_level=None, **kw):

@@ -364,21 +364,30 @@ def test_nf4_linear(dtype, M, N, K):
 
 @needs_triton
 def test_nf4_linear_dispatch(monkeypatch, count_calls):
-    """The kernel runs only where it pays: a decode batch without gradients; everything else is
-    bitsandbytes' own path."""
-    q = _nf4_linear(40, 128, True, torch.float32, DEV)
+    """The kernel runs only where it is asked for (NLA_KERNELS=triton: by default bitsandbytes,
+    which it loses to on a GPU) and can serve: a decode batch without gradients; everything else
+    is bitsandbytes' own path."""
+    dt = torch.bfloat16 if DEV == "cuda" else torch.float32  # CUDA: 16-bit compute only
+    q = _nf4_linear(40, 128, True, dt, DEV)
     p = kernels.nf4_prepare(q)
     calls = count_calls(kernels.nf4, "nf4_linear_triton")
+    x3 = lambda: torch.randn(3, 128, device=DEV, dtype=dt)  # noqa: E731
+    monkeypatch.delenv("NLA_KERNELS", raising=False)
+    monkeypatch.setattr(kernels.nf4, "backend", lambda *t: "triton")  # what CUDA tensors get unforced
+    with torch.no_grad():
+        kernels.nf4_linear(x3(), q, p)
+    assert not calls  # not asked for
+    monkeypatch.setattr(kernels.nf4, "backend", kernels.dispatch.backend)
     monkeypatch.setenv("NLA_KERNELS", "triton")
     with torch.no_grad():
-        kernels.nf4_linear(torch.randn(3, 128, device=DEV), q, p)
-        kernels.nf4_linear(torch.randn(kernels.nf4.MAX_ROWS + 1, 128, device=DEV), q, p)
-    x = torch.randn(3, 128, device=DEV, requires_grad=True)
+        kernels.nf4_linear(x3(), q, p)
+        kernels.nf4_linear(torch.randn(kernels.nf4.MAX_ROWS + 1, 128, device=DEV, dtype=dt), q, p)
+    x = x3().requires_grad_()
     kernels.nf4_linear(x, q, p).sum().backward()
     assert len(calls) == 1 and x.grad is not None
     monkeypatch.setattr(kernels.nf4, "dot_supported", lambda device, dtype: False)  # e.g. bf16 on a T4
     with torch.no_grad():
-        kernels.nf4_linear(torch.randn(3, 128, device=DEV), q, p)
+        kernels.nf4_linear(x3(), q, p)
     assert len(calls) == 1
     assert kernels.nf4_prepare(torch.nn.Linear(4, 4)) is None
 
