@@ -4,6 +4,7 @@
     reward_stats                  per-row MSE, cosine, FVE, reward and GRPO group advantages
     token_logprobs                log p(token) for GRPO without a [tokens, vocab] fp32 tensor
     nf4_linear                    a decode step's matmul with a bitsandbytes nf4 weight, dequantised in registers
+                                  (slower than bitsandbytes on an H200: only under NLA_KERNELS=triton)
     sample_next                   the next token of every row from its logits, in one pass (the exponential race)
     decode_attention              one new token per row over a static KV cache, reading only what it may see
 

@@ -59,9 +59,9 @@ def pass_rows(base, rows: int, G: int = 1) -> int:
     (~4.5 bytes a weight, against the kernel's 0.5). Then the rollout runs in passes of whole
     groups of at most MAX_ROWS / 2 rows, all of one size but a shorter last one (one decode graph
     serves them): the gpu preset's 32 x G=8 = 256 rows as 4 passes of 64, each with its twins and
-    compiled. Not yet timed against one bitsandbytes pass on a GPU (~2x by an estimate from the
-    last measured step and the kernel's SASS: bench/RESULTS.md). NLA_ROLLOUT_ROWS=N caps the rows
-    per pass (0: one pass)."""
+    compiled. Only where the kernel is asked for (NLA_KERNELS=triton): on an H200 it was slower
+    than bitsandbytes (bench/RESULTS.md), so by default a 4-bit rollout is one bitsandbytes pass.
+    NLA_ROLLOUT_ROWS=N caps the rows per pass (0: one pass)."""
     forced = os.environ.get("NLA_ROLLOUT_ROWS", "")
     if forced and not forced.isdigit():
         raise NLAError(f"NLA_ROLLOUT_ROWS must be a number of rows (0: one pass), got {forced!r}")
