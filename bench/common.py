@@ -179,4 +179,8 @@ def profile_ops(what, fn, dev, rows, extra=lambda: ""):
     for e in sorted(ev, key=lambda e: getattr(e, key), reverse=True)[:rows]:
         t = getattr(e, key)
         print(f"prof {e.key[:55]:55} {t / 1e3:9.1f} {t / total:6.1%} {e.count:6d}")
+    phases = sorted((e for e in ev if e.key.startswith("nla.")), key=lambda e: e.key)
+    if phases:  # the library's named ranges (record_function): host wall time per phase
+        print("phase (host wall ms, calls): " + ", ".join(f"{e.key[4:]} {e.cpu_time_total / 1e3:.1f} ({e.count})"
+                                                          for e in phases))
     print(flush=True)

@@ -44,11 +44,12 @@ RANDOM_MODEL = "/tmp/nla-gpu-check/random-smollm2"
 
 # (name, cap in seconds, command, what to quote in the summary)
 STAGES = [
-    ("parity", 120, f"{PY} -m pytest -q -p no:cacheprovider -m 'gpu or not slow' tests/test_kernels.py tests/test_decoding.py "
+    # (-v: a stage cut by its cap still says which tests passed, failed, or were running)
+    ("parity", 120, f"{PY} -m pytest -v --tb=short -p no:cacheprovider -m 'gpu or not slow' tests/test_kernels.py tests/test_decoding.py "
                    f"tests/test_shared_prefix.py tests/test_ref_in_rollout.py::test_twins_on_cuda_with_a_4bit_base "
                    # the compile check needs no GPU (CI runs it) and judges the machine's Triton, not the kernels' results
                    f"--deselect tests/test_kernels.py::test_every_launch_compiles_for_gpus_without_spills",
-     r"passed|failed|error"),
+     r"passed|failed|error|FAILED|ERROR"),
     ("kernels", 45, f"{PY} bench/kernels.py --quick", r"target|MISSED|met|speed-up|x$"),
     ("nf4", 35, f"{PY} bench/kernels.py --quick --only nf4,sample,attention", r"copy bandwidth|x \d+ x|\d+ x \d+ "),
     ("rl-smol", 40, f"{PY} bench/rl_step.py --shape smollm2 --acts 8 --group 8 --max-new 64 --steps 2 --loops ours,ours-adapters,reference",
@@ -58,7 +59,7 @@ STAGES = [
     # 2026-11-27, are measured: their places go to HF generate, which the last run's 220 s cut off)
     ("rl-1.5b", 200, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 2 --rank 64 "
                      f"--micro 32 --loops ours-compiled,hf --modes triton --profile-decode",
-     r"roofline|ours|old eager|HF generate|torch |triton |failed|peak|^prof "),
+     r"roofline|ours|old eager|HF generate|torch |triton |failed|peak|^prof |^phase"),
     # the 7B step with checkpointing (micro 16), and without it (micro-batches of 4 rows; 8 would need
     # ~7 GB more than checkpointing's 14 GB), its decode step compiled (a cold 7B build ~70 s, a compile
     # perhaps 40-60 s) with the reference's twins, then the rollout not compiled with twins and
@@ -66,7 +67,7 @@ STAGES = [
     # (now with the update's profile: at 7B the AR and GRPO phases took 3-4x their 2026-11-26 times
     # on 2026-11-27, unexplained, and the stage that profiles them was cut off by its cap)
     ("memory", 180, f"{PY} bench/memory.py --steps 2 --plans ckpt:16 --rollout-ab --profile",
-     r"RL step|peak GPU|step \d|out of|decode step|rollout|reference forward"),
+     r"RL step|peak GPU|step \d|out of|decode step|rollout|reference forward|^phase"),
     # diagnosis, on request: the compiled decode step's kernels, and the update per kernel mode
     # with the modes' order reversed (is the Triton mode's slower AR phase kernels or warm-up?)
     ("profile", 170, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 3 --rank 64 "
@@ -75,7 +76,7 @@ STAGES = [
     # where the 7B update's time goes (the AR phase took about as long as the GRPO phase)
     # (the decode step not compiled: the profile is of the update, and a 7B compile takes ~66 s)
     ("memory-profile", 150, f"env NLA_COMPILE_DECODE=0 {PY} bench/memory.py --steps 2 --plans ckpt:16 --profile",
-     r"RL step|decode step|step \d|profile of|^prof "),
+     r"RL step|decode step|step \d|profile of|^prof |^phase"),
     ("memory-torch", 100, f"env NLA_KERNELS=torch {PY} bench/memory.py --steps 3", r"RL step|peak GPU|step \d"),
     ("e2e", 100, "bash -c " + shlex.quote(
         f"set -e; {PY} bench/gpu_check.py --make-random-model {RANDOM_MODEL}; D=/tmp/nla-gpu-check; "

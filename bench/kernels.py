@@ -49,10 +49,11 @@ def bench_ms(fn, reps: int = 50) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def graph_ms(fn, reps: int = 20, inner: int = 10) -> tuple[float, bool]:
+def graph_ms(fn, reps: int = 20, inner: int = 10, generators=()) -> tuple[float, bool]:
     """(median device ms per call, captured?) of `fn` replayed in a CUDA graph of `inner` calls: how
     a decode step runs its kernels, with no host time between them (one eager call of a custom op
-    and a Triton launch costs ~0.2 ms of host time, more than these kernels take). A call that
+    and a Triton launch costs ~0.2 ms of host time, more than these kernels take). The generators
+    `fn` draws from are registered with the graph (without that, capture fails). A call that
     cannot be captured is timed eagerly instead (False)."""
     try:
         side = torch.cuda.Stream()
@@ -62,6 +63,8 @@ def graph_ms(fn, reps: int = 20, inner: int = 10) -> tuple[float, bool]:
                 fn()
         torch.cuda.current_stream().wait_stream(side)
         g = torch.cuda.CUDAGraph()
+        for gen in generators:
+            g.register_generator_state(gen)
         with torch.cuda.graph(g):
             for _ in range(inner):
                 fn()
@@ -209,8 +212,8 @@ def bench_sample(shapes, dev):
     g = torch.Generator(device=dev).manual_seed(0)
     for rows, V in shapes:
         x = torch.randn(rows, V, device=dev, dtype=torch.bfloat16)
-        t_ms, tg = graph_ms(lambda: kernels.sample_next_torch(x, 1.0, g))
-        k_ms, kg = graph_ms(lambda: kernels.sample_next(x, 1.0, g))  # with its seed draw, as a rollout calls it
+        t_ms, tg = graph_ms(lambda: kernels.sample_next_torch(x, 1.0, g), generators=(g,))
+        k_ms, kg = graph_ms(lambda: kernels.sample_next(x, 1.0, g), generators=(g,))  # with its seed draw, as a rollout calls it
         gb = x.numel() * x.element_size()
         print(f"{'bf16':16} {f'{rows} x {V}':28} {t_ms:9.3f} {k_ms:9.3f} {t_ms / k_ms:7.2f}x  "
               f"{gb / k_ms / 1e6:6.0f} GB/s ({gb / k_ms / 1e6 / PEAK:.0%} of copy)  {_how(tg, kg)}")

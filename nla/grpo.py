@@ -17,6 +17,7 @@ import os
 import time
 
 import torch
+from torch.profiler import record_function  # named phases in a profile (bench/common.profile_ops)
 
 import kernels
 
@@ -134,11 +135,12 @@ def update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps
     opt_ar.zero_grad(set_to_none=True)
     pred = torch.zeros_like(vecs, dtype=torch.float32)
     good_order = [good[i] for i in _by_length([len(texts[j]) for j in good], micro)]  # characters: ~tokens
-    for c in _chunks(len(good), micro):
-        rows = good_order[c]
-        p = reconstruct(base, spec, head, [texts[i] for i in rows])
-        (mse(p, vecs[rows]).sum() / n_good.clamp_min(1)).backward()
-        pred[rows] = p.detach().float()
+    with record_function("nla.update.ar"):
+        for c in _chunks(len(good), micro):
+            rows = good_order[c]
+            p = reconstruct(base, spec, head, [texts[i] for i in rows])
+            (mse(p, vecs[rows]).sum() / n_good.clamp_min(1)).backward()
+            pred[rows] = p.detach().float()
     stats = score(pred, vecs, spec.mse_mean, G, valid=ok)
     ar_loss = (mse(pred[good], vecs[good].float()).sum() / n_good.clamp_min(1)).detach().cpu() if good else torch.tensor(0.0)
     dist.sum_grads(ar_params)
@@ -152,24 +154,25 @@ def update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps
     opt_av.zero_grad(set_to_none=True)
     kl_sum = 0.0
     order = _by_length([len(s.ids) for s in samples], micro, G)
-    for c in _chunks(len(samples), micro, G):
-        rows = order[c]
-        chunk = [samples[i] for i in rows]
-        ids = [s.ids for s in chunk]
-        lp, mask = response_logprobs(base, spec, vecs[rows], ids, "av")
-        if all(s.ref_lp is not None for s in chunk):  # taken in the rollout
-            ref = torch.nn.utils.rnn.pad_sequence([s.ref_lp for s in chunk], batch_first=True)
-            ref = ref[:, :lp.shape[1]].to(lp.device)
-        else:
-            with torch.no_grad():
-                ref, _ = response_logprobs(base, spec, vecs[rows], ids, "ref")
-        ratio = torch.exp(lp - lp.detach())  # old policy = the sampling policy: one update per batch
-        adv = stats.advantage[rows].to(lp.device)[:, None]
-        pg = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
-        log_r = ref - lp
-        kl = torch.exp(log_r) - log_r - 1  # k3 estimator: unbiased, non-negative
-        ((pg + kl_coef * kl) * mask).sum().div(n_tok).backward()
-        kl_sum += float((kl.detach() * mask).sum())
+    with record_function("nla.update.grpo"):
+        for c in _chunks(len(samples), micro, G):
+            rows = order[c]
+            chunk = [samples[i] for i in rows]
+            ids = [s.ids for s in chunk]
+            lp, mask = response_logprobs(base, spec, vecs[rows], ids, "av")
+            if all(s.ref_lp is not None for s in chunk):  # taken in the rollout
+                ref = torch.nn.utils.rnn.pad_sequence([s.ref_lp for s in chunk], batch_first=True)
+                ref = ref[:, :lp.shape[1]].to(lp.device)
+            else:
+                with torch.no_grad():
+                    ref, _ = response_logprobs(base, spec, vecs[rows], ids, "ref")
+            ratio = torch.exp(lp - lp.detach())  # old policy = the sampling policy: one update per batch
+            adv = stats.advantage[rows].to(lp.device)[:, None]
+            pg = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+            log_r = ref - lp
+            kl = torch.exp(log_r) - log_r - 1  # k3 estimator: unbiased, non-negative
+            ((pg + kl_coef * kl) * mask).sum().div(n_tok).backward()
+            kl_sum += float((kl.detach() * mask).sum())
     dist.sum_grads(av_params)
     opt_av.step()
     t3 = _now(vecs.device)

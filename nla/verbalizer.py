@@ -15,6 +15,7 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function  # named phases in a profile (bench/common.profile_ops)
 
 import kernels
 
@@ -83,31 +84,35 @@ def generate(base, spec: NLASpec, vectors: torch.Tensor, max_new: int = 64, temp
     try:
         roles = (role,) if ref_role is None else (role, ref_role)
         dec = Decoder.of(model, n * len(roles), P + max_new, role if ref_role is None else roles)
-        uniq, index = distinct_rows(vectors.to(base.device))
         with contextlib.ExitStack() as ctx:
-            if ref_role is None:  # sampling weights for the prompts and every step
-                ctx.enter_context(lora.inference_weights(model, role, dec.dtype))
-            levels, logits = [], []
-            for r in roles:
-                with lora.use(model, r):
-                    level, first = _prompts(model, model, spec, uniq, logits_to_keep=1)
-                levels.append(level)
-                logits.append(first.logits[:, -1].index_select(0, index))
-            dec.prefill(levels, index)
-            logits = torch.cat(logits)
-            ctx.enter_context(lora.use(model, role))
-            if ref_role is not None:
-                ctx.enter_context(lora.side_by_side(model, roles, dec.dtype))
-            for step in range(max_new):
-                out[:, step] = nxt = pick(logits[:n], temperature, generator)
-                if ref_lp is not None:  # the twin's log-prob of the token its policy row drew
-                    ref_lp[:, step] = torch.log_softmax(logits[n:], -1, dtype=torch.float32).gather(1, nxt[:, None])[:, 0]
-                if step + 1 == max_new or ((step + 1) % CHECK_EVERY == 0 and stops.all_stopped(out[:, :step + 1])):
-                    break
-                logits = dec.step(nxt.repeat(len(roles)))
+            with record_function("nla.rollout.prefill"):
+                uniq, index = distinct_rows(vectors.to(base.device))
+                if ref_role is None:  # sampling weights for the prompts and every step
+                    ctx.enter_context(lora.inference_weights(model, role, dec.dtype))
+                levels, logits = [], []
+                for r in roles:
+                    with lora.use(model, r):
+                        level, first = _prompts(model, model, spec, uniq, logits_to_keep=1)
+                    levels.append(level)
+                    logits.append(first.logits[:, -1].index_select(0, index))
+                dec.prefill(levels, index)
+                logits = torch.cat(logits)
+                ctx.enter_context(lora.use(model, role))
+                if ref_role is not None:
+                    ctx.enter_context(lora.side_by_side(model, roles, dec.dtype))
+            with record_function("nla.rollout.decode"):
+                for step in range(max_new):
+                    out[:, step] = nxt = pick(logits[:n], temperature, generator)
+                    if ref_lp is not None:  # the twin's log-prob of the token its policy row drew
+                        lp = torch.log_softmax(logits[n:], -1, dtype=torch.float32)
+                        ref_lp[:, step] = lp.gather(1, nxt[:, None])[:, 0]
+                    if step + 1 == max_new or ((step + 1) % CHECK_EVERY == 0 and stops.all_stopped(out[:, :step + 1])):
+                        break
+                    logits = dec.step(nxt.repeat(len(roles)))
     finally:
         model.train(was_training)
-    samples = [_finish(tok, r) for r in out[:, :step + 1].tolist()]
+    with record_function("nla.rollout.finish"):
+        samples = [_finish(tok, r) for r in out[:, :step + 1].tolist()]
     if ref_lp is not None:
         for s, lp in zip(samples, ref_lp):
             s.ref_lp = lp[:len(s.ids)]
