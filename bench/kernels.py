@@ -184,7 +184,8 @@ def bench_nf4(rows, dev):
     base reads). GB/s counts the nf4 bytes the kernel must read (weight + fp32 scales)."""
     import bitsandbytes as bnb
     print("\nnf4 decode matmul (Qwen2.5-7B shapes): bitsandbytes vs kernels.nf4, and a bf16 GEMM for scale")
-    print(f"{'projection':16} {'rows x N x K':28} {'bnb ms':>9} {'triton ms':>9} {'speedup':>8}  nf4 GB/s, bf16 GEMM ms")
+    print(f"{'projection':16} {'rows x N x K':28} {'bnb ms':>9} {'triton ms':>9} {'speedup':>8}  nf4 GB/s, bf16 GEMM ms, "
+          f"codes-table ms (NLA_NF4_TABLE=codes)")
     for name, N, K in (("q/o", 3584, 3584), ("k/v", 512, 3584), ("gate/up", 18944, 3584), ("down", 3584, 18944)):
         q = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
         q.weight = bnb.nn.Params4bit(torch.randn(N, K) * 0.02, requires_grad=False, compress_statistics=True,
@@ -198,9 +199,13 @@ def bench_nf4(rows, dev):
                 t_ms, tg = graph_ms(lambda: q(x))
                 k_ms, kg = graph_ms(lambda: kernels.nf4_linear_triton(x, *p))
                 g_ms, gg = graph_ms(lambda: torch.nn.functional.linear(x, w))
+                os.environ["NLA_NF4_TABLE"] = "codes"  # read when the op launches, i.e. at capture
+                c_ms, cg = graph_ms(lambda: kernels.nf4_linear_triton(x, *p))
+                os.environ.pop("NLA_NF4_TABLE")
             gb = N * K / 2 + N * K / p[5] * 4
             print(f"{name:16} {f'{m} x {N} x {K}':28} {t_ms:9.3f} {k_ms:9.3f} {t_ms / k_ms:7.2f}x  "
-                  f"{gb / k_ms / 1e6:6.0f} GB/s ({gb / k_ms / 1e6 / PEAK:.0%} of copy), {g_ms:.3f}  {_how(tg, kg, gg)}")
+                  f"{gb / k_ms / 1e6:6.0f} GB/s ({gb / k_ms / 1e6 / PEAK:.0%} of copy), {g_ms:.3f}, {c_ms:.3f} "
+                  f"({t_ms / c_ms:.2f}x bnb)  {_how(tg, kg, gg, cg)}")
         del q, p, w
         torch.cuda.empty_cache()
 

@@ -70,9 +70,15 @@ def launches(nf4_rows=(1, 32, 64, 128)) -> list[tuple]:
         att._K = _Recorder(att._k(), "decode_attention", calls)
         bf = torch.bfloat16
         d, V, N, K = 3584, 152064, 18944, 3584
-        for m in nf4_rows:
-            nf4.nf4_partials(torch.empty(m, K, dtype=bf), torch.empty(N * K // 2, dtype=torch.uint8),
-                             torch.empty(N * K // 64), torch.empty(256, dtype=torch.int64), N, K, 64)
+        table = os.environ.pop("NLA_NF4_TABLE", None)
+        for t, rows in (("pairs", nf4_rows), ("codes", nf4_rows[-2:])):  # the lookup experiment too
+            os.environ["NLA_NF4_TABLE"] = t
+            for m in rows:
+                nf4.nf4_partials(torch.empty(m, K, dtype=bf), torch.empty(N * K // 2, dtype=torch.uint8),
+                                 torch.empty(N * K // 64), torch.zeros(256, dtype=torch.int64), N, K, 64)
+        os.environ.pop("NLA_NF4_TABLE")
+        if table is not None:
+            os.environ["NLA_NF4_TABLE"] = table
         h, w, t = torch.zeros(8, d, dtype=bf), torch.zeros(V, d, dtype=bf), torch.zeros(8, dtype=torch.long)
         buf, o, lse = torch.empty(8, V, dtype=bf), torch.empty(8), torch.empty(8)
         lp._lse_pick_triton(h, w, t, o, lse, buf)
@@ -154,7 +160,7 @@ def per_weight(consts: dict, opts: dict, loop: int) -> float:
 def describe(name, consts, opts) -> str:
     if name == "nf4":
         return (f"rows<={consts['BLOCK_M']} tile {consts['BLOCK_N']}x{consts['BLOCK_K']} "
-                f"w{opts.get('num_warps', 4)} s{opts.get('num_stages', 3)}")
+                f"w{opts.get('num_warps', 4)} s{opts.get('num_stages', 3)}" + ("" if consts.get("PAIRS", True) else " codes"))
     blocks = " ".join(f"{k}={v}" for k, v in consts.items() if k.startswith("BLOCK"))
     return f"{blocks} w{opts.get('num_warps', 4)}"
 

@@ -22,9 +22,10 @@ sm_80/89/90 (the 64-row tile spilled 672-1,160 bytes).
 **Off by default: it loses to bitsandbytes.** Timed on an H200 (2026-11-27, device time in a CUDA
 graph, Qwen2.5-7B shapes: bench/RESULTS.md), it reads 40-265 GB/s, 0.21-0.78x bitsandbytes'
 dequantise-then-GEMM at every decode size, where the instruction counts above predicted ~1.8 TB/s:
-those counts are not what bounds it (the per-byte table gathers are the first suspect). So a
-4-bit base samples through bitsandbytes (its decode step captured, not compiled), and this kernel
-runs only where NLA_KERNELS=triton asks for it: its tests, and work on making it pay.
+those counts are not what bounds it (the per-byte table gathers are the first suspect: `table`
+has a one-cache-line variant for the next GPU run to time). So a 4-bit base samples through
+bitsandbytes (its decode step captured, not compiled), and this kernel runs only where
+NLA_KERNELS=triton asks for it: its tests, and work on making it pay.
 
 Format (bitsandbytes, quant_type nf4): W [N, K] flattened row-major; byte i holds elements 2i
 (high nibble) and 2i+1 (low nibble); element e is scaled by absmax[e // blocksize]. Double
@@ -32,6 +33,8 @@ quantisation (8-bit absmax) is undone once per weight by `prepare`: 4 bytes per 
 Sampling only (no autograd); training keeps bitsandbytes' own path.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -129,7 +132,7 @@ def _k():
         @triton.jit
         def kernel(X, P, A, T, OUT, M, N, K, k_split, s_xm, s_xk,
                    BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   EVEN_N: tl.constexpr, IEEE: tl.constexpr):
+                   EVEN_N: tl.constexpr, IEEE: tl.constexpr, PAIRS: tl.constexpr):
             # row tiles vary fastest: programs that read the same weight tile run together, and the
             # second read comes from L2
             pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -149,9 +152,14 @@ def _k():
                 byte = tl.load(P + rn[:, None] * (K // 2) + ((k0 + kk) // 2 + j)[None, :])
                 ra = (k0 + kk) // BS + tl.arange(0, BLOCK_K // BS)
                 a = tl.load(A + rn[:, None] * (K // BS) + ra[None, :])[:, :, None]
-                pair = tl.load(T + byte.to(tl.int32))  # both codes of the byte, in one read
-                ch = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
-                cl = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+                if PAIRS:
+                    pair = tl.load(T + byte.to(tl.int32))  # both codes of the byte, in one read
+                    ch = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+                    cl = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+                else:  # each nibble's code from the 16 (one cache line)
+                    b = byte.to(tl.int32)
+                    ch = tl.load(T + (b >> 4))
+                    cl = tl.load(T + (b & 15))
                 # scaled in fp32 and rounded once to the compute dtype, as bitsandbytes dequantises
                 wh = (ch.reshape(BLOCK_N, BLOCK_K // BS, BS // 2) * a).reshape(BLOCK_N, HB).to(xe.dtype)
                 wl = (cl.reshape(BLOCK_N, BLOCK_K // BS, BS // 2) * a).reshape(BLOCK_N, HB).to(xe.dtype)
@@ -196,6 +204,29 @@ def _plan(M: int, N: int, K: int, blocksize: int) -> tuple[int, int, int, int, i
     return BLOCK_M, BLOCK_N, BLOCK_K, warps, _splits(K, BLOCK_K, n_tiles * m_tiles), m_tiles
 
 
+def table() -> str:
+    """NLA_NF4_TABLE=pairs|codes: how the kernel looks its codes up, an open experiment (`bench/
+    kernels.py --only nf4` times both against bitsandbytes). "pairs" (the default): both codes of a
+    byte from 256 int64 (2 KB, so a warp's 32 lookups can touch 16 cache lines: the first suspect
+    for its measured slowness); "codes": each nibble's from the 16 fp32 codes (64 B, one line), two
+    lookups a byte."""
+    t = os.environ.get("NLA_NF4_TABLE", "pairs")
+    if t not in ("pairs", "codes"):
+        raise ValueError(f"NLA_NF4_TABLE must be pairs or codes, got {t!r}")
+    return t
+
+
+_CODES: dict = {}
+
+
+def _codes(pairs: torch.Tensor) -> torch.Tensor:
+    """The 16 fp32 codes inside a pair table (entry 16k holds code[k] first), made once per table."""
+    key = (pairs.data_ptr(), pairs.device)
+    if key not in _CODES:
+        _CODES[key] = pairs.view(torch.float32).view(256, 2)[::16, 0].contiguous()
+    return _CODES[key]
+
+
 @torch.library.custom_op("nla::nf4_partials", mutates_args=())
 def nf4_partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tensor,
                  N: int, K: int, blocksize: int) -> torch.Tensor:
@@ -205,11 +236,12 @@ def nf4_partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pa
     M = x.shape[0]
     BLOCK_M, BLOCK_N, BLOCK_K, warps, S, m_tiles = _plan(M, N, K, blocksize)
     part = empty((S, M, N), torch.float32, x.device)
+    pair_table = table() == "pairs"
     if M:
         _k()[(m_tiles, -(-N // BLOCK_N), S)](
-            x, packed, absmax, pairs, part, M, N, K, K // S, *x.stride(), BS=blocksize, BLOCK_M=BLOCK_M,
-            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, EVEN_N=N % BLOCK_N == 0, IEEE=x.dtype == torch.float32,
-            num_warps=warps, num_stages=STAGES)
+            x, packed, absmax, pairs if pair_table else _codes(pairs), part, M, N, K, K // S, *x.stride(),
+            BS=blocksize, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, EVEN_N=N % BLOCK_N == 0,
+            IEEE=x.dtype == torch.float32, PAIRS=pair_table, num_warps=warps, num_stages=STAGES)
     return part
 
 

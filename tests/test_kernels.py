@@ -363,6 +363,26 @@ def test_nf4_linear(dtype, M, N, K):
 
 
 @needs_triton
+@pytest.mark.parametrize("M,N,K", [(3, 33, 192), (64, 128, 256)])
+def test_nf4_linear_with_the_code_table(monkeypatch, M, N, K):
+    """NLA_NF4_TABLE=codes (each nibble's code from the 16, an experiment beside the pair table)
+    gives the same products."""
+    dtype = NF4_DTYPES[-1]
+    q = _nf4_linear(N, K, True, dtype, DEV, seed=M)
+    p = kernels.nf4_prepare(q)
+    assert torch.equal(kernels.nf4._codes(p[2]).cpu(), q.weight.quant_state.code.float().cpu())
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(N)).to(DEV, dtype)
+    monkeypatch.setenv("NLA_NF4_TABLE", "codes")
+    with torch.no_grad():
+        want = kernels.nf4_linear_torch(x, *p, bias=q.bias)
+        got = kernels.nf4_linear_triton(x, *p, bias=q.bias)
+    torch.testing.assert_close(got, want, **tol(dtype))
+    monkeypatch.setenv("NLA_NF4_TABLE", "nibbles")
+    with pytest.raises(ValueError, match="NLA_NF4_TABLE"):
+        kernels.nf4_linear_triton(x, *p, bias=q.bias)
+
+
+@needs_triton
 def test_nf4_linear_dispatch(monkeypatch, count_calls):
     """The kernel runs only where it is asked for (NLA_KERNELS=triton: by default bitsandbytes,
     which it loses to on a GPU) and can serve: a decode batch without gradients; everything else
