@@ -97,8 +97,9 @@ DEFAULT = ("parity", "nf4", "rl-1.5b", "memory")
 # stage: (the stage it needs, prefix if that failed). The nf4 stage also runs the sampling and
 # decode-attention kernels once on the GPU, which the 1.5B rollout then uses
 FALLBACK = {"rl-1.5b": ("nf4", "env NLA_KERNELS=torch "), "memory": ("nf4", "env NLA_KERNELS=torch ")}
-# run after the chosen stages, each only if its whole cap fits in what is left of --budget
-EXTRA = ("memory-profile", "profile")
+# run after the chosen stages, each only if its whole cap fits in what is left of --budget (the
+# memory stage profiles the 7B update itself now)
+EXTRA = ("memory-torch", "profile")
 
 
 def setup_env(log) -> dict:
