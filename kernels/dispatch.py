@@ -1,7 +1,8 @@
 """Which implementation of a kernel runs, decided at every call.
 
-Triton on CUDA tensors, plain torch everywhere else; `NLA_KERNELS=torch|triton` forces one (read
-at each call, so a benchmark can switch in one process). Forcing Triton on CPU tensors only works
+Triton on CUDA tensors, plain torch everywhere else (the nf4 matmul: bitsandbytes unless forced,
+see kernels/nf4.py); `NLA_KERNELS=torch|triton` forces one (read at each call, so a benchmark can
+switch in one process). Forcing Triton on CPU tensors only works
 under the interpreter (`TRITON_INTERPRET=1`), which is how CI checks parity without a GPU.
 """
 from __future__ import annotations
@@ -40,11 +41,11 @@ def forced() -> str:
 
 
 def backend(*tensors: torch.Tensor) -> str:
-    forced_ = forced()
-    if forced_ == "torch":
+    f = forced()
+    if f == "torch":
         return "torch"
     on_cuda = all(t.is_cuda for t in tensors)
-    if forced_ == "triton":
+    if f == "triton":
         if not has_triton():
             raise RuntimeError("NLA_KERNELS=triton but triton is not installed (pip install triton)")
         if not on_cuda and not interpreting():
