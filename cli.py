@@ -28,6 +28,15 @@ def _group():
     """Keeps typer in multi-command mode (`nla-cli VERB ...`) whatever verbs are registered."""
 
 
+def _check_env() -> None:
+    """The kernel switches (NLA_KERNELS, NLA_NF4_TABLE) as one-line errors, before any work."""
+    import kernels
+    try:
+        kernels.check_env()
+    except ValueError as e:
+        raise NLAError(str(e)) from None
+
+
 def _command(name: str, cfg_cls, run, doc: str):
     """Register a typer command whose parameters are the dataclass's fields."""
     hints = typing.get_type_hints(cfg_cls)
@@ -50,6 +59,7 @@ def _command(name: str, cfg_cls, run, doc: str):
         if takes_given:  # what was typed beats a preset, even when it equals the default
             kwargs["given"] = tuple(k for k in kwargs if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE")
         try:
+            _check_env()
             run(cfg_cls(**kwargs))
         except NLAError as e:
             typer.echo(f"error: {e}", err=True)

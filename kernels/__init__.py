@@ -23,7 +23,16 @@ from .nf4 import prepare as nf4_prepare
 from .reward import RewardStats, reward_stats, reward_stats_torch, reward_stats_triton
 from .sample import sample_next, sample_next_torch, sample_next_triton
 
-__all__ = ["backend", "decode_attention", "decode_attention_torch", "decode_attention_triton", "inject_add",
+
+def check_env() -> None:
+    """ValueError (one line) if NLA_KERNELS or NLA_NF4_TABLE holds a value no kernel reads: the CLI
+    asks before it starts, so a typo is not a traceback minutes into a run."""
+    from . import dispatch, nf4
+    dispatch.forced()
+    nf4.table()
+
+
+__all__ = ["backend", "check_env", "decode_attention", "decode_attention_torch", "decode_attention_triton", "inject_add",
            "inject_add_torch", "inject_add_triton", "inject_replace", "inject_replace_torch", "inject_replace_triton",
            "nf4_linear", "nf4_linear_torch", "nf4_linear_triton", "nf4_prepare", "token_logprobs",
            "token_logprobs_torch", "token_logprobs_triton", "RewardStats", "reward_stats", "reward_stats_torch",

@@ -70,6 +70,12 @@ def one_line_error(r, *needles):
     return errors[0]
 
 
+@pytest.mark.parametrize("var,value", [("NLA_KERNELS", "cuda"), ("NLA_NF4_TABLE", "nibbles")])
+def test_a_bad_kernel_switch_is_one_line(monkeypatch, var, value):
+    monkeypatch.setenv(var, value)
+    one_line_error(cli("explain", "x", "--checkpoint", "missing"), var, value)
+
+
 def test_parse_tokens():
     assert parse_tokens("last", 7) == [6]
     assert parse_tokens("all", 3) == [0, 1, 2]
