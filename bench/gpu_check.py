@@ -55,17 +55,16 @@ STAGES = [
     ("rl-smol", 40, f"{PY} bench/rl_step.py --shape smollm2 --acts 8 --group 8 --max-new 64 --steps 2 --loops ours,ours-adapters,reference",
      r"roofline|ours|old eager|torch |triton |failed"),
     # (the graph-only loop "ours" was measured on an H200: 0.825 s; its place goes to the memory stage)
-    # (the old loop, 864-1,370 tok/s in four H200 runs, and the fused projections' gain, 1.09x on
+    # (the old loop, 864-1,370 tok/s in three H200 runs, and the fused projections' gain, 1.09x on
     # 2026-11-27, are measured: their places go to HF generate, which the last run's 220 s cut off)
     ("rl-1.5b", 200, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 2 --rank 64 "
                      f"--micro 32 --loops ours-compiled,hf --modes triton --profile-decode",
      r"roofline|ours|old eager|HF generate|torch |triton |failed|peak|^prof |^phase"),
-    # the 7B step with checkpointing (micro 16), and without it (micro-batches of 4 rows; 8 would need
-    # ~7 GB more than checkpointing's 14 GB), its decode step compiled (a cold 7B build ~70 s, a compile
-    # perhaps 40-60 s) with the reference's twins, then the rollout not compiled with twins and
-    # without, and the update with the reference forward
-    # (now with the update's profile: at 7B the AR and GRPO phases took 3-4x their 2026-11-26 times
-    # on 2026-11-27, unexplained, and the stage that profiles them was cut off by its cap)
+    # the 7B step with checkpointing (micro 16; a cold 7B build ~70 s), its update's profile (the AR
+    # and GRPO phases took 3-4x their earlier times in the last run, unexplained, and the stage that
+    # was to profile them was cut by its cap), then the rollout with the reference's twins and
+    # without, and the update with the reference forward (the plan without checkpointing, full:4,
+    # waits for a run with time to spare: --plans ckpt:16,full:4)
     ("memory", 180, f"{PY} bench/memory.py --steps 2 --plans ckpt:16 --rollout-ab --profile",
      r"RL step|peak GPU|step \d|out of|decode step|rollout|reference forward|^phase"),
     # diagnosis, on request: the compiled decode step's kernels, and the update per kernel mode
