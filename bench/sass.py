@@ -11,7 +11,9 @@ then compiled for each target), and the machine code read back:
     loop     instructions in the kernel's main loop, per thread per iteration
     /elem    for the nf4 decode matmul: issued instructions per weight of a tile. At 0.5 bytes per
              weight an H200 must issue ~3 per weight to keep pace with its memory; more means the
-             kernel is bound by issue, not bandwidth, so this is the number its tiles were chosen by
+             kernel is bound by issue, not bandwidth, so this is the number its tiles were chosen by.
+             A count, not a speed: on an H200 the kernel ran ~10x below what these counts
+             predicted (bench/RESULTS.md, 2026-11-27), so a spill is a bug, and the rest a hint
 
     python bench/sass.py [--arch 80,89,90] [--sweep]
 

@@ -146,11 +146,12 @@ def _all_nf4_kernel(model, n: int, dtype: torch.dtype) -> bool:
     in a low-precision dtype (lora.inference_weights: an fp32 base samples through the plain path)
     that the kernel's dots support on this GPU (bf16: sm_80+)."""
     from .lora import LoRALinear
+    if not kernels.nf4.enabled():  # the default: no walk over the modules at every rollout
+        return False
     served = {id(m.base) for m in model.modules() if isinstance(m, LoRALinear) and kernels.nf4.servable(m.base)}
     emb = model.get_input_embeddings().weight
     return (dtype != torch.float32 and n <= kernels.nf4.MAX_ROWS and kernels.dispatch.dot_supported(emb.device, dtype)
-            and kernels.nf4.enabled() and kernels.backend(emb) == "triton"
-            and all(id(m) in served for m in model.modules() if _quantised(m)))
+            and kernels.backend(emb) == "triton" and all(id(m) in served for m in model.modules() if _quantised(m)))
 
 
 def _compile_wanted(model, device: torch.device, n: int, dtype: torch.dtype) -> bool:
