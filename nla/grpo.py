@@ -9,7 +9,9 @@
        ref_in_rollout), token-level averaging over the global batch.
 With one update per batch the ratio is exactly 1 (the clip is inert); it is kept so that
 more epochs per batch would be correct. A group's G rows share their prompt's forward (in the
-rollout and in both log-prob passes: nla/shared_prefix.py), so micro-batches hold whole groups.
+rollout and in both log-prob passes: nla/shared_prefix.py), and in the update the prompts and the
+AR's template prefix run once for all micro-batches (shared_prefix.Held): on a GPU each forward
+of a few rows costs about what a full one does (every weight read, ~400 launches per block).
 """
 from __future__ import annotations
 
@@ -23,9 +25,9 @@ import kernels
 
 from . import decoding, dist, lora
 from .errors import NLAError
-from .reconstructor import reconstruct
+from .reconstructor import Prefix, reconstruct
 from .reward import mse, score
-from .verbalizer import generate, response_logprobs
+from .verbalizer import Prompts, generate, response_logprobs
 
 
 def rl_step(base, spec, head, vectors, opt_av, opt_ar, G: int, max_new: int, temperature: float = 1.0,
@@ -136,11 +138,13 @@ def update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps
     pred = torch.zeros_like(vecs, dtype=torch.float32)
     good_order = [good[i] for i in _by_length([len(texts[j]) for j in good], micro)]  # characters: ~tokens
     with record_function("nla.update.ar"):
+        prefix = Prefix(base, spec, "ar", held=True)  # once for every chunk
         for c in _chunks(len(good), micro):
             rows = good_order[c]
-            p = reconstruct(base, spec, head, [texts[i] for i in rows])
+            p = reconstruct(base, spec, head, [texts[i] for i in rows], prefix=prefix)
             (mse(p, vecs[rows]).sum() / n_good.clamp_min(1)).backward()
             pred[rows] = p.detach().float()
+        prefix.backward()
     stats = score(pred, vecs, spec.mse_mean, G, valid=ok)
     ar_loss = (mse(pred[good], vecs[good].float()).sum() / n_good.clamp_min(1)).detach().cpu() if good else torch.tensor(0.0)
     dist.sum_grads(ar_params)
@@ -155,17 +159,19 @@ def update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps
     kl_sum = 0.0
     order = _by_length([len(s.ids) for s in samples], micro, G)
     with record_function("nla.update.grpo"):
+        prompts, ref_prompts = Prompts(base, spec, vecs, "av", held=True), None  # once for every chunk
         for c in _chunks(len(samples), micro, G):
             rows = order[c]
             chunk = [samples[i] for i in rows]
             ids = [s.ids for s in chunk]
-            lp, mask = response_logprobs(base, spec, vecs[rows], ids, "av")
+            lp, mask = response_logprobs(base, spec, prompts.rows(rows), ids)
             if all(s.ref_lp is not None for s in chunk):  # taken in the rollout
                 ref = torch.nn.utils.rnn.pad_sequence([s.ref_lp for s in chunk], batch_first=True)
                 ref = ref[:, :lp.shape[1]].to(lp.device)
             else:
                 with torch.no_grad():
-                    ref, _ = response_logprobs(base, spec, vecs[rows], ids, "ref")
+                    ref_prompts = ref_prompts or Prompts(base, spec, vecs, "ref")
+                    ref, _ = response_logprobs(base, spec, ref_prompts.rows(rows), ids)
             ratio = torch.exp(lp - lp.detach())  # old policy = the sampling policy: one update per batch
             adv = stats.advantage[rows].to(lp.device)[:, None]
             pg = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
@@ -173,6 +179,7 @@ def update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps
             kl = torch.exp(log_r) - log_r - 1  # k3 estimator: unbiased, non-negative
             ((pg + kl_coef * kl) * mask).sum().div(n_tok).backward()
             kl_sum += float((kl.detach() * mask).sum())
+        prompts.backward()
     dist.sum_grads(av_params)
     opt_av.step()
     t3 = _now(vecs.device)

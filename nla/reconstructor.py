@@ -12,7 +12,7 @@ from torch import nn
 
 from . import lora
 from .models import early_exit
-from .shared_prefix import SharedPrefix
+from .shared_prefix import Held, SharedPrefix
 from .spec import NLASpec
 
 MAX_EXPLANATION_TOKENS = 192
@@ -34,16 +34,31 @@ def ar_inputs(tok, spec: NLASpec, texts: list[str], device) -> tuple[torch.Tenso
     return ids.to(device), torch.tensor([len(r) for r in rows], device=device)
 
 
-def reconstruct(base, spec: NLASpec, head: ARHead, texts: list[str], role: str = "ar") -> torch.Tensor:
+class Prefix:
+    """The template's prefix, the same for every row, run once under `role` (nla/shared_prefix.py).
+    `held`: once for all of an update's micro-batches (call `backward()` after theirs)."""
+
+    def __init__(self, base, spec: NLASpec, role: str = "ar", held: bool = False):
+        self.role = role
+        with lora.use(base.model, role), early_exit(base.model, spec.layer) as inner:
+            level = SharedPrefix(base.model)
+            first = level.forward(inner, input_ids=torch.tensor([spec.ar_prefix_ids], device=base.device))
+        self.run = Held(level, (first.last_hidden_state[:, -1:],), leaves=held)
+
+    def backward(self) -> None:
+        self.run.backward()
+
+
+def reconstruct(base, spec: NLASpec, head: ARHead, texts: list[str], role: str = "ar",
+                prefix: Prefix | None = None) -> torch.Tensor:
     """[N, d] fp32 reconstructions; differentiable when grad is enabled. The template's prefix is
-    the same for every row, so it runs once (nla/shared_prefix.py)."""
+    the same for every row, so it runs once (a `prefix` given has run it: its role is used)."""
+    prefix = prefix or Prefix(base, spec, role)
     ids, lens = ar_inputs(base.tokenizer, spec, texts, base.device)
     n = len(texts)
-    with lora.use(base.model, role), early_exit(base.model, spec.layer) as inner:
-        prefix = SharedPrefix(base.model)
-        first = prefix.forward(inner, input_ids=torch.tensor([spec.ar_prefix_ids], device=base.device))
-        rows = SharedPrefix(base.model, prefix, torch.zeros(n, dtype=torch.long, device=base.device), record=False)
-        h = torch.cat([first.last_hidden_state[:, -1:].expand(n, -1, -1),
-                       rows.forward(inner, input_ids=ids).last_hidden_state], 1)
+    with lora.use(base.model, prefix.role), early_exit(base.model, spec.layer) as inner:
+        rows = SharedPrefix(base.model, prefix.run.level, torch.zeros(n, dtype=torch.long, device=base.device),
+                            record=False)
+        h = torch.cat([prefix.run.outputs[0].expand(n, -1, -1), rows.forward(inner, input_ids=ids).last_hidden_state], 1)
     h_last = h[torch.arange(n, device=h.device), lens].float()  # the template's last token
     return head(h_last.to(head.weight.dtype))

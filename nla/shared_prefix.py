@@ -53,6 +53,35 @@ class SharedPrefix:
             return module(**inputs, use_cache=False, nla_level=self)
 
 
+class Held:
+    """A level, and `outputs` of its forward, read by later forwards that each run their own
+    backward: an update's micro-batches. With `leaves`, those read leaf copies, so each backward
+    stops there and the gradients add up on the leaves; `backward()` then sends their sum through
+    the level's forward once. The same gradients as a backward through it per micro-batch (a sum),
+    for one forward, recomputation and backward of the shared tokens instead of one per
+    micro-batch: on a GPU each is a pass over every weight (a 4-bit one dequantised) and ~400
+    launches per block for a row or a few. Without `leaves`, the level and outputs themselves."""
+
+    def __init__(self, level: SharedPrefix, outputs: tuple = (), leaves: bool = False):
+        self.level, self.outputs, self._pairs = level, tuple(outputs), []
+        if not leaves:
+            return
+        src = [t for kv in level.kv.values() for t in kv] + list(outputs)
+        leaf = [t.detach().requires_grad_(t.requires_grad) for t in src]
+        self._pairs = list(zip(src, leaf))
+        self.level = SharedPrefix(level.model, record=False)  # holds the leaves for its children
+        self.level.P, it = level.P, iter(leaf)
+        self.level.kv = {i: (next(it), next(it)) for i in level.kv}
+        self.outputs = tuple(it)
+
+    def backward(self) -> None:
+        """After every micro-batch's backward: theirs summed, through the level's forward."""
+        pairs = [(s, lf.grad) for s, lf in self._pairs if lf.grad is not None]
+        self._pairs = []
+        if pairs:
+            torch.autograd.backward([s for s, _ in pairs], [g for _, g in pairs])
+
+
 def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(the distinct rows of x, index [n] of each row among them), compared bit for bit."""
     bits = x.detach().contiguous().view(torch.uint8).reshape(x.shape[0], -1)  # any dtype (a float unique may lack one)

@@ -11,6 +11,7 @@ the [tokens, vocab] fp32 log-softmax.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from . import lora
 from .decoding import Decoder, StopDetector, pick
 from .inject import injected, locate
 from .models import decoder_of
-from .shared_prefix import SharedPrefix, distinct_rows
+from .shared_prefix import Held, SharedPrefix, distinct_rows
 from .spec import CLOSE, NLASpec
 
 CHECK_EVERY = 8  # decode steps between host syncs asking "has every row stopped?"
@@ -194,24 +195,49 @@ def target_ids(tok, text: str, max_len: int | None = None) -> list[int]:
         words = words[:max(1, len(words) - max(1, (len(ids) + len(close) - max_len) // 2))]
 
 
-def response_logprobs(base, spec: NLASpec, vectors: torch.Tensor, responses: list[list[int]],
+class Prompts:
+    """The AV prompts of a batch's rows under one role, each distinct vector's once
+    (nla/shared_prefix.py): each row's index among them, the level holding their keys and values,
+    and the hidden state that predicts their first response token. `held`: run once for all of an
+    update's micro-batches (`rows` picks each one's rows; call `backward()` after theirs)."""
+
+    def __init__(self, base, spec: NLASpec, vectors: torch.Tensor, role: str = "av", held: bool = False):
+        model = base.model
+        uniq, self.index = distinct_rows(vectors.to(base.device))
+        self.role = role
+        with lora.use(model, role):
+            level, out = _prompts(model, decoder_of(model), spec, uniq)
+        self.run = Held(level, (out.last_hidden_state[:, -1:],), leaves=held)
+
+    def rows(self, rows: list[int]) -> "Prompts":
+        sub = copy.copy(self)
+        sub.index = self.index[torch.as_tensor(rows, device=self.index.device)]
+        return sub
+
+    def backward(self) -> None:
+        self.run.backward()
+
+
+def response_logprobs(base, spec: NLASpec, vectors: "torch.Tensor | Prompts", responses: list[list[int]],
                       role: str = "av") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-prob [N, R] of each response under adapter `role`, and the mask [N, R].
-    Rows with the same vector (a GRPO group) run their prompt once (nla/shared_prefix.py)."""
+    Rows with the same vector (a GRPO group) run their prompt once (nla/shared_prefix.py); a
+    `Prompts` in place of the vectors has run them already (its role is used)."""
+    prompts = vectors if isinstance(vectors, Prompts) else Prompts(base, spec, vectors, role)
     model, tok = base.model, base.tokenizer
     n, dev = len(responses), base.device
     R = max(1, max(len(r) for r in responses))
-    resp = torch.full((n, R), tok.pad_token_id, dtype=torch.long, device=dev)
-    mask = torch.zeros((n, R), dtype=torch.bool, device=dev)
+    resp = torch.full((n, R), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((n, R), dtype=torch.bool)
     for i, r in enumerate(responses):
-        resp[i, :len(r)] = torch.tensor(r, device=dev)
+        resp[i, :len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, :len(r)] = True
-    uniq, index = distinct_rows(vectors.to(dev))
-    with lora.use(model, role):
-        level, out = _prompts(model, decoder_of(model), spec, uniq)
-        h = out.last_hidden_state[:, -1:].index_select(0, index)  # predicts token 0; token t predicts t + 1
+    resp, mask = resp.to(dev), mask.to(dev)  # one copy each to a GPU, not one per row
+    index = prompts.index
+    with lora.use(model, prompts.role):
+        h = prompts.run.outputs[0].index_select(0, index)  # predicts token 0; token t predicts t + 1
         if R > 1:
-            rows = SharedPrefix(model, level, index, record=False)
+            rows = SharedPrefix(model, prompts.run.level, index, record=False)
             h = torch.cat([h, rows.forward(decoder_of(model), input_ids=resp[:, :-1]).last_hidden_state], 1)
     head = model.get_output_embeddings().weight
     lp = kernels.token_logprobs(h.reshape(n * R, -1), head, resp.reshape(-1)).view(n, R)

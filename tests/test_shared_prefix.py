@@ -7,9 +7,9 @@ import torch
 from nla import lora
 from nla.inject import injected
 from nla.models import decoder_of, load_base, residual
-from nla.reconstructor import ARHead, reconstruct
+from nla.reconstructor import ARHead, Prefix, reconstruct
 from nla.spec import build_spec
-from nla.verbalizer import generate, response_logprobs
+from nla.verbalizer import Prompts, generate, response_logprobs
 
 META = {"injection_scale": 3.0, "mse_mean": {"train": 1.5}}
 TEXTS = ["alpha beta", "gamma delta epsilon zeta", "", "one two three four five six", "cats"]
@@ -41,6 +41,18 @@ def _plain_logprobs(base, spec, vectors, responses):
     with lora.use(model, "av"), injected(model, ids, vectors, spec) as emb:
         logits = model(inputs_embeds=emb, attention_mask=att).logits[:, P - 1:-1].float()
     return torch.log_softmax(logits, -1).gather(2, ids[:, P:, None]).squeeze(2)
+
+
+def _plain_reconstruct(base, spec, head, texts):
+    """Every row whole: template prefix + text + suffix, right-padded, one forward."""
+    tok = base.tokenizer
+    rows = [spec.ar_prefix_ids + tok.encode(t, add_special_tokens=False) + spec.ar_suffix_ids for t in texts]
+    T = max(map(len, rows))
+    ids = torch.tensor([r + [tok.pad_token_id] * (T - len(r)) for r in rows])
+    att = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
+    with lora.use(base.model, "ar"):
+        h = residual(base.model, spec.layer, ids, att)
+    return head(h[torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])].float())
 
 
 def _grads(params):
@@ -87,20 +99,74 @@ def test_ar_reconstructions_and_grads_equal_a_plain_forward(tiny_path, checkpoin
     (pred - target).square().sum().backward()
     got = _grads(params)
 
-    tok = base.tokenizer
-    rows = [spec.ar_prefix_ids + tok.encode(t, add_special_tokens=False) + spec.ar_suffix_ids for t in TEXTS]
-    T = max(map(len, rows))
-    ids = torch.tensor([r + [tok.pad_token_id] * (T - len(r)) for r in rows])
-    att = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
-    with lora.use(base.model, "ar"):
-        h = residual(base.model, spec.layer, ids, att)
-    ref = head(h[torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])].float())
+    ref = _plain_reconstruct(base, spec, head, TEXTS)
     (ref - target).square().sum().backward()
     want = _grads(params)
 
     torch.testing.assert_close(pred, ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("checkpointing,mode", [(False, "replace"), (True, "replace"), (True, "add")])
+def test_held_prompts_and_prefix_give_micro_batches_a_plain_forwards_grads(tiny_path, checkpointing, mode):
+    """An update's micro-batches read the AV prompts and the AR's prefix run once for all of them
+    (held): each backward stops at their leaves, and one backward after the last sends the sum
+    through them. The gradients are a plain forward's of every whole row."""
+    base, spec = _setup(tiny_path, checkpointing, mode)
+    g = torch.Generator().manual_seed(2)
+    vectors = torch.randn(3, base.d_model, generator=g)[torch.tensor([0, 0, 0, 1, 2, 2, 1])]
+    responses = [torch.randint(200, 2000, (k,), generator=g).tolist() for k in (5, 1, 7, 3, 7, 2, 4)]
+    weights = torch.randn(len(responses), 7, generator=g)
+    av = lora.params(base.model, "av")
+    prompts = Prompts(base, spec, vectors, "av", held=True)
+    for rows in ([0, 1, 2, 6], [3, 4, 5]):  # the second micro-batch shares a prompt with the first
+        lp, mask = response_logprobs(base, spec, prompts.rows(rows), [responses[i] for i in rows])
+        ((lp * weights[rows, :lp.shape[1]]) * mask).sum().backward()
+    prompts.backward()
+    got = _grads(av)
+    ref = _plain_logprobs(base, spec, vectors, responses)
+    mask = torch.tensor([[j < len(r) for j in range(ref.shape[1])] for r in responses])
+    ((ref * weights[:, :ref.shape[1]]) * mask).sum().backward()
+    want = _grads(av)
+    assert any(float(w.abs().max()) > 0 for w in want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+    head = ARHead(base.d_model)
+    ar = lora.params(base.model, "ar") + list(head.parameters())
+    target = torch.randn(len(TEXTS), base.d_model, generator=g)
+    prefix = Prefix(base, spec, "ar", held=True)
+    for rows in ([0, 3], [1, 2, 4]):
+        pred = reconstruct(base, spec, head, [TEXTS[i] for i in rows], prefix=prefix)
+        (pred - target[rows]).square().sum().backward()
+    prefix.backward()
+    got = _grads(ar)
+    (_plain_reconstruct(base, spec, head, TEXTS) - target).square().sum().backward()
+    for a, b in zip(got, _grads(ar)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_an_update_runs_its_shared_tokens_once(tiny_path):
+    """Whatever the micro-batches: the AR's prefix runs once per update, the AV prompts once per
+    role (the policy's, and the reference's where the rollout did not take its log-probs)."""
+    from nla.grpo import update
+    from nla.verbalizer import Sample, target_ids
+    base, spec = _setup(tiny_path, False)
+    lora.attach(base.model, {"ref": 4})
+    head = ARHead(base.d_model)
+    texts = ["a b", "c", "d e f", "g", "h i", "j"]
+    samples = [Sample(target_ids(base.tokenizer, t), t, True) for t in texts]
+    vectors = torch.randn(3, base.d_model).repeat_interleave(2, 0)
+    opt_av = torch.optim.SGD(lora.params(base.model, "av"), lr=0.1)
+    opt_ar = torch.optim.SGD(lora.params(base.model, "ar") + list(head.parameters()), lr=0.1)
+    seen = []
+    hook = decoder_of(base.model).layers[0].register_forward_hook(lambda m, a, o: seen.append(tuple(a[0].shape[:2])))
+    update(base, spec, head, vectors, samples, opt_av, opt_ar, G=2, kl_coef=0.01, clip_eps=0.2, micro=2)
+    hook.remove()
+    P, split, Pa = len(spec.av_prompt_ids), spec.av_prompt_ids.index(spec.placeholder_id), len(spec.ar_prefix_ids)
+    assert seen.count((1, Pa)) == 1  # three chunks of AR rows
+    assert [s for s in seen if s[1] in (split, P - split)] == [(1, split), (3, P - split)] * 2  # av, ref
 
 
 def test_each_distinct_prompt_runs_once(tiny_path):
