@@ -95,26 +95,21 @@ def rollout(base, spec, vecs, max_new: int, temperature: float = 1.0, generator=
     return out
 
 
-def _chunks(n: int, micro: int, G: int = 1) -> list[slice]:
-    """Row chunks for gradient accumulation: same update, bounded activation memory. Whole groups
-    of G where micro allows, so that a group's rows run their shared prompt once, not per chunk."""
+def _chunks(n: int, micro: int) -> list[slice]:
+    """Row chunks for gradient accumulation: same update, bounded activation memory. Any rows: the
+    prompts they share ran once for all chunks (shared_prefix.Held)."""
     step = micro if micro > 0 else max(n, 1)
-    if G > 1 and step >= G:
-        step -= step % G
     return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 
-def _by_length(lengths: list[int], micro: int, G: int = 1) -> list[int]:
-    """The rows in chunk order: whole groups of G, longest group first when there is more than
-    one chunk, so that each chunk pads its rows to a length near their own (real explanations
-    vary: at the GPU preset's cap of 150, a chunk of random groups pads most rows to ~the cap).
-    One chunk keeps the sampled order."""
+def _by_length(lengths: list[int], micro: int) -> list[int]:
+    """The rows in chunk order: longest first when there is more than one chunk, so that each
+    chunk pads its rows to a length near their own (real explanations vary: at the GPU preset's
+    cap of 150, a chunk of random rows pads most to ~the cap). One chunk keeps the sampled order."""
     n = len(lengths)
     if micro <= 0 or micro >= n:
         return list(range(n))
-    groups = [list(range(i, min(n, i + G))) for i in range(0, n, G)]
-    groups.sort(key=lambda g: -max(lengths[i] for i in g))  # stable: ties keep the sampled order
-    return [i for g in groups for i in g]
+    return sorted(range(n), key=lambda i: -lengths[i])  # stable: ties keep the sampled order
 
 
 def _now(dev) -> float:
@@ -157,10 +152,10 @@ def update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps
     n_tok = dist.sum_(torch.tensor(float(sum(len(s.ids) for s in samples))))
     opt_av.zero_grad(set_to_none=True)
     kl_sum = 0.0
-    order = _by_length([len(s.ids) for s in samples], micro, G)
+    order = _by_length([len(s.ids) for s in samples], micro)
     with record_function("nla.update.grpo"):
         prompts, ref_prompts = Prompts(base, spec, vecs, "av", held=True), None  # once for every chunk
-        for c in _chunks(len(samples), micro, G):
+        for c in _chunks(len(samples), micro):
             rows = order[c]
             chunk = [samples[i] for i in rows]
             ids = [s.ids for s in chunk]

@@ -78,7 +78,7 @@ def test_update_reads_the_rollouts_reference(tiny_path, monkeypatch, count_calls
         m = grpo.update(base, spec, head, v, ss, opt_av, opt_ar, G=2, kl_coef=0.5, clip_eps=0.2, micro=micro)
         runs.append((m, [p.grad.clone() for p in lora.params(base.model, "av")], len(calls) - n))
     (m1, g1, n1), (m2, g2, n2) = runs
-    chunks = len(grpo._chunks(len(v), micro, 2))
+    chunks = len(grpo._chunks(len(v), micro))
     assert (n1, n2) == (chunks, 2 * chunks)  # with twins' log-probs: no reference forward
     assert m1["kl"] == pytest.approx(m2["kl"], rel=1e-4, abs=1e-7) and m1["kl"] > 1e-4
     for a, b in zip(g1, g2):

@@ -232,12 +232,12 @@ def test_micro_batches_give_the_same_update(tiny_path):
 
 
 def test_chunks_pad_rows_to_a_length_near_their_own(tiny_path, monkeypatch):
-    """With several chunks, whole groups go longest first, so a chunk's rows pad to near their own
-    length (the AR's rows likewise, one by one); the update is the same as in one chunk."""
+    """With several chunks, rows go longest first, so a chunk's rows pad to near their own length
+    (the AR's likewise); the update is the same as in one chunk."""
     import nla.grpo as grpo
     from nla.grpo import _by_length, update
-    assert _by_length([3, 9, 1, 1, 8, 2], 4, 2) == [0, 1, 4, 5, 2, 3]  # groups by their longest row
-    assert _by_length([3, 9, 1, 1], 0, 2) == [0, 1, 2, 3]  # one chunk: the sampled order
+    assert _by_length([3, 9, 1, 1, 8, 2], 4) == [1, 4, 0, 5, 2, 3]  # ties keep the sampled order
+    assert _by_length([3, 9, 1, 1], 0) == [0, 1, 2, 3]  # one chunk: the sampled order
     words = ["a b c d e f g h i j k l", "a", "b", "c", "d e f g h i j k l m n", "e", "f g", "h"]
     results, padded = [], []
     real = grpo.response_logprobs
@@ -260,7 +260,7 @@ def test_chunks_pad_rows_to_a_length_near_their_own(tiny_path, monkeypatch):
         v = torch.randn(4, base.d_model, generator=torch.Generator().manual_seed(1)).repeat_interleave(2, 0)
         samples = [Sample(target_ids(base.tokenizer, t), t, True) for t in words]
         if len(results) == 2:  # the sampled order, for the padding it would cost
-            monkeypatch.setattr(grpo, "_by_length", lambda lengths, micro, G=1: list(range(len(lengths))))
+            monkeypatch.setattr(grpo, "_by_length", lambda lengths, micro: list(range(len(lengths))))
         padded.clear()
         m = update(base, spec_for(base), head, v, samples, opt_av, opt_ar, G=2, kl_coef=0.01, clip_eps=0.2, micro=micro)
         results.append((lora.state(base.model, "av"), head.weight.detach().clone(), m, sum(padded)))
@@ -271,14 +271,10 @@ def test_chunks_pad_rows_to_a_length_near_their_own(tiny_path, monkeypatch):
             torch.testing.assert_close(av[k], results[0][0][k], rtol=1e-5, atol=1e-6)
 
 
-def test_micro_batches_hold_whole_groups():
-    """A group's rows share one prompt forward only within a chunk: chunks are whole groups when
-    the micro-batch allows it, never larger than asked."""
+def test_micro_batches_are_at_most_micro_rows():
     from nla.grpo import _chunks
-    assert [(c.start, c.stop) for c in _chunks(64, 20, 8)] == [(i, i + 16) for i in range(0, 64, 16)]
-    assert [(c.start, c.stop) for c in _chunks(10, 4, 8)] == [(0, 4), (4, 8), (8, 10)]  # groups bigger than micro
-    assert [(c.start, c.stop) for c in _chunks(6, 0, 2)] == [(0, 6)]
-
+    assert [(c.start, c.stop) for c in _chunks(64, 20)] == [(0, 20), (20, 40), (40, 60), (60, 64)]
+    assert [(c.start, c.stop) for c in _chunks(6, 0)] == [(0, 6)]
 
 
 @pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
