@@ -60,12 +60,13 @@ STAGES = [
     ("rl-1.5b", 200, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 2 --rank 64 "
                      f"--micro 32 --loops ours-compiled,hf --modes triton --profile-decode",
      r"roofline|ours|old eager|HF generate|torch |triton |failed|peak|^prof |^phase"),
-    # the 7B step with checkpointing (micro 16; a cold 7B build ~70 s), its update's profile (the AR
-    # and GRPO phases took 3-4x their earlier times in the last run, unexplained, and the stage that
-    # was to profile them was cut by its cap), then the rollout with the reference's twins and
-    # without, and the update with the reference forward (the plan without checkpointing, full:4,
-    # waits for a run with time to spare: --plans ckpt:16,full:4)
-    ("memory", 180, f"{PY} bench/memory.py --steps 2 --plans ckpt:16 --rollout-ab --profile",
+    # the 7B step with checkpointing (a cold 7B build ~70 s) at micro 16 and 64 (one chunk: an
+    # update's fewest passes; each pass of a few rows costs a full pass's launches and dequantising),
+    # the last one's update profiled (the AR and GRPO phases took 3-4x their earlier times in the
+    # last run, with twice the decoder passes: since cut to ~half, nla/shared_prefix.Held), then the
+    # rollout with the reference's twins and without, and the update with the reference forward
+    # (the plan without checkpointing, full:4, waits for a run with time to spare)
+    ("memory", 180, f"{PY} bench/memory.py --steps 2 --plans ckpt:16,ckpt:64 --rollout-ab --profile",
      r"RL step|peak GPU|step \d|out of|decode step|rollout|reference forward|^phase"),
     # diagnosis, on request: the compiled decode step's kernels, and the update per kernel mode
     # with the modes' order reversed (is the Triton mode's slower AR phase kernels or warm-up?)
