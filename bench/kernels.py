@@ -227,8 +227,10 @@ def bench_sample(shapes, dev):
 def bench_attention(shapes, dev):
     """One layer's attention of a decode step, halfway through a rollout: [b, h, 1, d] queries over
     a [b, kvh, 226, d] bf16 cache filled to 150 slots."""
+    import kernels.attention as att
     print("\ndecode attention over a static cache filled to 150 of 226 slots (one layer)")
-    print(f"{'shape':16} {'rows x heads/kv x d':28} {'torch ms':>9} {'triton ms':>9} {'speedup':>8}  filled KV GB/s")
+    print(f"{'shape':16} {'rows x heads/kv x d':28} {'torch ms':>9} {'triton ms':>9} {'speedup':>8}  filled KV GB/s, "
+          f"splits; unsplit ms (one program per row and head)")
     for name, b, h, kvh, d in shapes:
         S, filled = 226, 150
         q = torch.randn(b, h, 1, d, device=dev, dtype=torch.bfloat16)
@@ -236,9 +238,13 @@ def bench_attention(shapes, dev):
         mask = (torch.arange(S, device=dev) < filled)[None, None, None, :].expand(b, 1, 1, S)
         t_ms, tg = graph_ms(lambda: kernels.decode_attention_torch(q, k, v, mask, d ** -0.5))
         k_ms, kg = graph_ms(lambda: kernels.decode_attention_triton(q, k, v, mask, d ** -0.5))
+        programs, att.PROGRAMS = att.PROGRAMS, 1  # read at launch, i.e. at capture
+        u_ms, ug = graph_ms(lambda: kernels.decode_attention_triton(q, k, v, mask, d ** -0.5))
+        att.PROGRAMS = programs
         gb = 2 * b * kvh * filled * d * 2
         print(f"{name:16} {f'{b} x {h}/{kvh} x {d}':28} {t_ms:9.3f} {k_ms:9.3f} {t_ms / k_ms:7.2f}x  "
-              f"{gb / k_ms / 1e6:6.0f} GB/s ({gb / k_ms / 1e6 / PEAK:.0%} of copy)  {_how(tg, kg)}")
+              f"{gb / k_ms / 1e6:6.0f} GB/s ({gb / k_ms / 1e6 / PEAK:.0%} of copy), {att._split(b * kvh, S)[0]} "
+              f"splits; {u_ms:.3f} ({t_ms / u_ms:.2f}x torch)  {_how(tg, kg, ug)}")
 
 
 def check_targets(records):
@@ -298,8 +304,9 @@ def main():
         # SmolLM2's vocabulary at 16 rows (the CPU recipe's rollouts), Qwen2.5's at 64 (the issue's)
         bench_sample([(16, 49152), (64, 151936), (256, 151936)], dev)
     if "attention" in only:
-        # the 1.5B rollout's 64 rows; the 7B one's 64 rows with their KL twins
-        bench_attention([("qwen2.5-1.5b", 64, 12, 2, 128), ("qwen2.5-7b twins", 128, 28, 4, 128)], dev)
+        # the 1.5B rollout's 64 rows; the 7B one's 64 rows, alone and with their KL twins
+        bench_attention([("qwen2.5-1.5b", 64, 12, 2, 128), ("qwen2.5-7b", 64, 28, 4, 128),
+                         ("qwen2.5-7b twins", 128, 28, 4, 128)], dev)
 
 
 if __name__ == "__main__":

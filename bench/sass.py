@@ -69,7 +69,8 @@ def launches(nf4_rows=(1, 32, 64, 128)) -> list[tuple]:
         k = inj._k()
         inj._K = (_Recorder(k[0], "inject.replace", calls), _Recorder(k[1], "inject.add", calls))
         smp._K = _Recorder(smp._k(), "sample", calls)
-        att._K = _Recorder(att._k(), "decode_attention", calls)
+        k = att._k()
+        att._K = (_Recorder(k[0], "decode_attention", calls), _Recorder(k[1], "decode_attention.combine", calls))
         bf = torch.bfloat16
         d, V, N, K = 3584, 152064, 18944, 3584
         table = os.environ.pop("NLA_NF4_TABLE", None)
@@ -91,10 +92,13 @@ def launches(nf4_rows=(1, 32, 64, 128)) -> list[tuple]:
         inj.inject_replace_triton(torch.zeros(V, d, dtype=bf), ids, slots, torch.zeros(2, d), 150.0)
         inj.inject_add_triton(torch.zeros(2, 5, d, dtype=bf), slots, torch.zeros(2, d))
         smp.sample_next_triton(torch.zeros(64, V, dtype=bf), 1.0, torch.zeros(1, dtype=torch.long))
-        S, kvh = 226, 4  # Qwen2.5-7B: 28 query heads on 4 key/value heads of 128
-        att._decode_attention_op(torch.zeros(128, 28, 1, 128, dtype=bf), torch.zeros(128, kvh, S, 128, dtype=bf),
-                                 torch.zeros(128, kvh, S, 128, dtype=bf), torch.ones(128, 1, 1, S, dtype=torch.bool),
-                                 128 ** -0.5)
+        # Qwen2.5-7B with twins: 28 query heads on 4 key/value heads of 128, 128 rows (one program
+        # each); Qwen2.5-1.5B: 12 on 2, 64 rows (positions split among programs, then combined)
+        S = 226
+        for b, h, kvh in ((128, 28, 4), (64, 12, 2)):
+            att._decode_attention_op(torch.zeros(b, h, 1, 128, dtype=bf), torch.zeros(b, kvh, S, 128, dtype=bf),
+                                     torch.zeros(b, kvh, S, 128, dtype=bf), torch.ones(b, 1, 1, S, dtype=torch.bool),
+                                     128 ** -0.5)
     finally:
         nf4._K, lp._K, rw._K, inj._K, smp._K, att._K = saved
         if interp is not None:
@@ -164,7 +168,7 @@ def describe(name, consts, opts) -> str:
         return (f"rows<={consts['BLOCK_M']} tile {consts['BLOCK_N']}x{consts['BLOCK_K']} "
                 f"w{opts.get('num_warps', 4)} s{opts.get('num_stages', 3)}" + ("" if consts.get("PAIRS", True) else " codes"))
     blocks = " ".join(f"{k}={v}" for k, v in consts.items() if k.startswith("BLOCK"))
-    return f"{blocks} w{opts.get('num_warps', 4)}"
+    return f"{blocks} w{opts.get('num_warps', 4)}" + (" split" if consts.get("SPLIT") else "")
 
 
 def row(name, what, arch, s, consts, opts) -> str:

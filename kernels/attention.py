@@ -11,6 +11,12 @@ attention without copying keys or values per query head) with an online softmax 
 writes the output in the [rows, 1, heads, dim] layout the attention module returns, so no
 transpose copy follows.
 
+Where rows x key/value heads are too few programs to keep a GPU's memory busy (the Qwen2.5-1.5B
+shape's 64 rows x 2 heads: 128 programs, one per SM, each walking its cache alone), the cache's
+positions are split among several programs per head (flash-decoding): each writes its softmax's
+partial output and log-sum-exp, and a second small kernel weighs them together. On an H200 the
+unsplit kernel took 15% of a 1.5B rollout's device time for ~6% of its bytes (bench/RESULTS.md).
+
   torch   the reference and the fallback: SDPA with the query heads packed per key/value head
           (what nla/decoding.py ran before), which reads the whole cache.
   triton  the above; boolean masks (what Hugging Face's SDPA path builds), head dims that are a
@@ -28,6 +34,22 @@ from .dispatch import backend, dot_supported, empty, pow2
 # cache positions per step of a program's loop, and warps: by bench/sass.py, 64 positions on 4 warps
 # spill under Triton 3.6 (torch 2.11's) on every GPU; 32 on 8 spill nowhere, under 3.6 or 3.9
 BLOCK_N, WARPS = 32, 8
+# programs to aim for by splitting the cache's positions: about four per SM of a 132-SM GPU (the
+# 7B shape with its twins, 128 rows x 4 heads, has them unsplit; the 1.5B shape splits in 4). A
+# split program runs 16 positions on 4 warps: with 32 on 8 (the unsplit tile) Triton 3.6 gives it
+# 176 registers, one program per SM, which would leave the SMs no busier than before the split;
+# 16 on 4 has 156 (three per SM) and spills nowhere under 3.6 or 3.9 (bench/sass.py)
+PROGRAMS = 512
+SPLIT_BLOCK_N, SPLIT_WARPS = 16, 4
+
+
+def _split(programs: int, S: int) -> tuple[int, int, int, int]:
+    """(splits, positions per split, BLOCK_N, warps) for `programs` (rows x kv heads) over S slots."""
+    if -(-S // BLOCK_N) < 2 or programs * 2 > PROGRAMS:
+        return 1, S, BLOCK_N, WARPS
+    blocks = -(-S // SPLIT_BLOCK_N)
+    per = -(-blocks // min(blocks, PROGRAMS // programs))
+    return -(-blocks // per), per * SPLIT_BLOCK_N, SPLIT_BLOCK_N, SPLIT_WARPS
 
 
 def decode_attention(query, key, value, mask, scale: float):
@@ -59,12 +81,21 @@ def _decode_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     b, h, _, d = query.shape
     kvh, S = key.shape[1], key.shape[2]
     out = empty((b, 1, h, value.shape[-1]), query.dtype, query.device)
-    if b:
-        _k()[(b * kvh,)](query, key, value, mask, out, S, kvh, float(scale),
-                         query.stride(0), query.stride(1), query.stride(3),
-                         *key.stride(), *value.stride(), mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(3),
-                         G=h // kvh, BLOCK_G=max(16, pow2(h // kvh)), BLOCK_N=BLOCK_N, D=d,
-                         IEEE=query.dtype == torch.float32, num_warps=WARPS)
+    if not b:
+        return out
+    splits, chunk, block_n, warps = _split(b * kvh, S)
+    part, lse = out, out  # unsplit: the kernel writes the output itself
+    if splits > 1:
+        part = empty((splits, b, h, d), torch.float32, query.device)
+        lse = empty((splits, b, h), torch.float32, query.device)
+    partials, combine = _k()
+    partials[(b * kvh, splits)](query, key, value, mask, part, lse, S, kvh, chunk, float(scale),
+                                query.stride(0), query.stride(1), query.stride(3),
+                                *key.stride(), *value.stride(), mask.stride(0) if mask.shape[0] > 1 else 0,
+                                mask.stride(3), G=h // kvh, BLOCK_G=max(16, pow2(h // kvh)), BLOCK_N=block_n, D=d,
+                                IEEE=query.dtype == torch.float32, SPLIT=splits > 1, num_warps=warps)
+    if splits > 1:
+        combine[(b * h,)](part, lse, out, b * h, splits, D=d, BLOCK_S=pow2(splits))
     return out
 
 
@@ -87,11 +118,11 @@ def _k():
         import triton.language as tl
 
         @triton.jit
-        def kernel(Q, K, V, MASK, OUT, S, KVH, scale, s_qb, s_qh, s_qd, s_kb, s_kh, s_ks, s_kd,
-                   s_vb, s_vh, s_vs, s_vd, s_mb, s_ms,
-                   G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                   IEEE: tl.constexpr):
-            pid = tl.program_id(0)
+        def partials(Q, K, V, MASK, OUT, LSE, S, KVH, CHUNK, scale, s_qb, s_qh, s_qd, s_kb, s_kh, s_ks, s_kd,
+                     s_vb, s_vh, s_vs, s_vd, s_mb, s_ms,
+                     G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                     IEEE: tl.constexpr, SPLIT: tl.constexpr):
+            pid, sp = tl.program_id(0), tl.program_id(1)
             b, h = (pid // KVH).to(tl.int64), (pid % KVH).to(tl.int64)
             rg, rd = tl.arange(0, BLOCK_G), tl.arange(0, D)
             gm = rg < G
@@ -101,7 +132,7 @@ def _k():
             l = tl.zeros((BLOCK_G,), tl.float32)
             acc = tl.zeros((BLOCK_G, D), tl.float32)
             kb, vb = K + b * s_kb + h * s_kh, V + b * s_vb + h * s_vh
-            for n0 in range(0, S, BLOCK_N):
+            for n0 in range(sp * CHUNK, tl.minimum(S, sp * CHUNK + CHUNK), BLOCK_N):  # this split's positions
                 rn = n0 + tl.arange(0, BLOCK_N)
                 ok = tl.load(MASK + b * s_mb + rn * s_ms, mask=rn < S, other=0) != 0
                 if tl.max(ok.to(tl.int32), 0) > 0:  # a block past the filled part costs its mask only
@@ -121,10 +152,29 @@ def _k():
                     else:
                         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
                     m = m_new
-            out = acc / l[:, None]
-            # [b, 1, heads, d], contiguous: head h*G+g of row b
-            tl.store(OUT + (b * KVH * G + h * G + rg)[:, None] * D + rd[None, :], out.to(OUT.dtype.element_ty),
-                     mask=gm[:, None])
+            row = b * KVH * G + h * G + rg  # [b, 1, heads, d], contiguous: head h*G+g of row b
+            if SPLIT:  # this split's share: its softmax's output and log-sum-exp (none seen: 0 and -inf)
+                seen = l > 0
+                l = tl.where(seen, l, 1.0)
+                out = tl.where(seen[:, None], acc / l[:, None], 0.0)
+                n_rows = tl.num_programs(0) * G  # rows x heads
+                tl.store(OUT + (sp * n_rows + row)[:, None] * D + rd[None, :], out, mask=gm[:, None])
+                tl.store(LSE + sp * n_rows + row, tl.where(seen, m + tl.log(l), -float("inf")), mask=gm)
+            else:
+                out = acc / l[:, None]
+                tl.store(OUT + row[:, None] * D + rd[None, :], out.to(OUT.dtype.element_ty), mask=gm[:, None])
 
-        _K = kernel
+        @triton.jit
+        def combine(PART, LSE, OUT, n_rows, splits, D: tl.constexpr, BLOCK_S: tl.constexpr):
+            # one (row, head): its splits' outputs weighed by their share of the softmax's mass
+            r = tl.program_id(0).to(tl.int64)
+            rs, rd = tl.arange(0, BLOCK_S), tl.arange(0, D)
+            sm = rs < splits
+            lse = tl.load(LSE + rs * n_rows + r, mask=sm, other=-float("inf"))
+            w = tl.exp(lse - tl.max(lse, 0))  # a split that saw nothing weighs 0
+            part = tl.load(PART + (rs[:, None] * n_rows + r) * D + rd[None, :], mask=sm[:, None], other=0.0)
+            out = tl.sum(part * w[:, None], 0) / tl.sum(w, 0)
+            tl.store(OUT + r * D + rd, out.to(OUT.dtype.element_ty))
+
+        _K = (partials, combine)
     return _K

@@ -438,8 +438,8 @@ def test_every_launch_compiles_for_gpus_without_spills():
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     names = [ln.split()[0] for ln in r.stdout.splitlines() if "sm_90" in ln]
-    assert sorted(set(names)) == ["decode_attention", "inject.add", "inject.replace", "logprobs.dlogits",
-                                  "logprobs.lse_pick", "nf4", "reward", "sample"]
+    assert sorted(set(names)) == ["decode_attention", "decode_attention.combine", "inject.add", "inject.replace",
+                                  "logprobs.dlogits", "logprobs.lse_pick", "nf4", "reward", "sample"]
     assert names.count("nf4") == len(kernels.nf4.TILES) + 2  # every row tile, and the code table's 64 and 128
 
 
@@ -491,9 +491,15 @@ def _decode_inputs(b, kvh, G, S, d, filled, dtype, seed=0):
     (2, 2, 7, 226, 64, [77, 150]),         # Qwen2.5-7B's 7 query heads per key/value head, the bench's cache
     (2, 1, 16, 130, 16, [129, 3]),         # a full 16-head tile
 ])
-def test_decode_attention(dtype, b, kvh, G, S, d, filled):
+@pytest.mark.parametrize("programs", [1, 512])
+def test_decode_attention(dtype, b, kvh, G, S, d, filled, programs, monkeypatch):
     """Attention of one token over a partly filled static cache: as SDPA with the mask, whatever
-    the junk beyond the filled slots (they are never read), in the [b, 1, heads, d] layout."""
+    the junk beyond the filled slots (they are never read), in the [b, 1, heads, d] layout; with
+    one program per (row, key/value head), and with the positions split among several (these
+    shapes split down to a block each: a split whose positions a row cannot see weighs nothing)."""
+    monkeypatch.setattr(kernels.attention, "PROGRAMS", programs)
+    assert (kernels.attention._split(b * kvh, S)[0] > 1) == (programs > 1 and S > kernels.attention.BLOCK_N)
+    assert kernels.attention._split(b * kvh, S)[1] * kernels.attention._split(b * kvh, S)[0] >= S
     q, k, v, mask = _decode_inputs(b, kvh, G, S, d, filled, dtype)
     assert kernels.attention.triton_serves(q, k, v, mask)
     want = kernels.decode_attention_torch(q, k, v, mask, d ** -0.5)
