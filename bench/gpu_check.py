@@ -17,9 +17,10 @@ failure or hang does not eat the rest, and ends with a one-screen summary:
                bitsandbytes, the fused next-token draw against torch.multinomial, the decode attention
                that reads the cache up to its fill against SDPA
     e2e        collect -> train --preset gpu (scaled down) -> explain -> eval on a random model
-    profile, memory-profile, memory-compiled, memory-torch
+    profile, memory-profile, memory-compiled, nf4-sweep, memory-torch
                diagnoses: the decode step's and the update's kernels at 1.5B, the 7B update's
-               kernels, the 7B step with bitsandbytes' decode step compiled, with torch kernels
+               kernels, the 7B step with bitsandbytes' decode step compiled, the nf4 kernel's tiles
+               by device time, the 7B step with torch kernels
 
     python bench/gpu_check.py [--out DIR] [--only STAGE,...|all] [--budget SECONDS] [--dry-run]
 
@@ -77,6 +78,9 @@ STAGES = [
     # (the decode step not compiled: the profile is of the update, and a 7B compile takes ~66 s)
     ("memory-profile", 150, f"env NLA_COMPILE_DECODE=0 {PY} bench/memory.py --steps 2 --plans ckpt:16 --profile",
      r"RL step|decode step|step \d|profile of|^prof |^phase"),
+    # which nf4 tile, pipeline depth and split-K target the H200 likes (the tiles were chosen by
+    # instruction counts, which did not predict its speed; all of them kept ~1 program per SM)
+    ("nf4-sweep", 120, f"{PY} bench/kernels.py --only nf4-sweep", r"best|copy bandwidth"),
     # does bitsandbytes' 4-bit decode step pay for a compile (not by default: its ops were not
     # known to compile; on a CPU the twins' step traces whole, one graph, bitsandbytes' ops in it)?
     ("memory-compiled", 200, f"env NLA_COMPILE_DECODE=1 {PY} bench/memory.py --steps 2 --plans ckpt:64",
@@ -103,7 +107,7 @@ DEFAULT = ("parity", "nf4", "rl-1.5b", "memory")
 FALLBACK = {"rl-1.5b": ("nf4", "env NLA_KERNELS=torch "), "memory": ("nf4", "env NLA_KERNELS=torch ")}
 # run after the chosen stages, each only if its whole cap fits in what is left of --budget (the
 # memory stage profiles the 7B update itself now)
-EXTRA = ("memory-compiled", "memory-torch", "profile")
+EXTRA = ("memory-compiled", "nf4-sweep", "memory-torch", "profile")
 
 
 def setup_env(log) -> dict:

@@ -9,11 +9,12 @@ log_softmax, the chunked torch path and the Triton path. It ends by checking the
 Triton >= 1.0x the chunked torch path at every size, >= 1.5x at N=9600 with V=152k, and no more
 peak memory than the chunked torch path.
 
-    python bench/kernels.py [--dtype bf16|fp32] [--quick] [--only inject,reward,logprobs,nf4,sample,attention]
+    python bench/kernels.py [--dtype bf16|fp32] [--quick] [--only inject,reward,logprobs,nf4,sample,attention,nf4-sweep]
                             [--weight-grad]
 
 nf4: a decode step's projections with a 4-bit base, bitsandbytes against kernels.nf4 (the nf4 bytes
-read per ms against the copy bandwidth), beside a bf16 GEMM of the same shape.
+read per ms against the copy bandwidth), beside a bf16 GEMM of the same shape. nf4-sweep (on
+request): the kernel's tiles, stages and split-K target by device time, the best against bitsandbytes.
 nf4, sample and attention are timed as a decode step runs them, replayed in a CUDA graph (device
 time; the last column says "eager" where a call could not be captured).
 sample: a decode step's draw of the next token of every row (torch.multinomial's softmax,
@@ -210,6 +211,56 @@ def bench_nf4(rows, dev):
         torch.cuda.empty_cache()
 
 
+# nf4 tiles to time (BLOCK_N, BLOCK_K, warps, stages) per row tile: the current one and those that
+# hold more bytes in flight per SM and spill nowhere on sm_90 under Triton 3.6 or 3.9 (bench/sass.py;
+# the current tiles were chosen by instruction counts, which did not predict the H200's speed)
+NF4_SWEEP = {64: [(128, 64, 8, 2), (32, 128, 8, 2), (32, 128, 8, 3), (32, 128, 8, 4), (64, 128, 8, 2), (64, 128, 8, 3)],
+             128: [(128, 64, 8, 2), (32, 128, 8, 3), (32, 128, 8, 4)]}
+
+
+def bench_nf4_sweep(dev):
+    """The nf4 kernel's tile, pipeline stages and split-K target by device time (each beside
+    bitsandbytes), for the two largest 7B projections at a rollout's 64 rows and 128 with twins."""
+    import bitsandbytes as bnb
+    import kernels.nf4 as nf4
+    print("\nnf4 tile sweep (Qwen2.5-7B, device time in a CUDA graph): tile, stages, split-K target")
+    saved = (dict(nf4.TILES), nf4.STAGES, nf4.PROGRAMS)
+    try:
+        for name, N, K in (("gate/up", 18944, 3584), ("down", 3584, 18944)):
+            q = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True,
+                                  quant_type="nf4")
+            q.weight = bnb.nn.Params4bit(torch.randn(N, K) * 0.02, requires_grad=False, compress_statistics=True,
+                                         quant_type="nf4")
+            q = q.to(dev)
+            p = kernels.nf4_prepare(q)
+            gb = N * K / 2 + N * K / p[5] * 4
+            for m, tiles in NF4_SWEEP.items():
+                x = torch.randn(m, K, device=dev, dtype=torch.bfloat16)
+                with torch.no_grad():
+                    t_ms, _ = graph_ms(lambda: q(x))
+                    best = None
+                    for bn, bk, warps, stages in tiles:
+                        for programs in (264, 528):
+                            nf4.TILES[m], nf4.STAGES, nf4.PROGRAMS = (bn, bk, warps), stages, programs
+                            try:
+                                k_ms, kg = graph_ms(lambda: kernels.nf4_linear_triton(x, *p))
+                            except Exception as e:  # a tile this GPU cannot run (shared memory): say so, go on
+                                print(f"{name:8} {m:4d} rows  {bn}x{bk} w{warps} s{stages} p{programs}: {type(e).__name__}")
+                                continue
+                            if best is None or k_ms < best[0]:
+                                best = (k_ms, f"{bn}x{bk} w{warps} s{stages} p{programs}")
+                            print(f"{name:8} {m:4d} rows  {bn}x{bk} w{warps} s{stages} p{programs}: {k_ms:.3f} ms "
+                                  f"({t_ms / k_ms:.2f}x bnb {t_ms:.3f}), {gb / k_ms / 1e6:.0f} GB/s  {_how(kg)}", flush=True)
+                if best:
+                    print(f"{name:8} {m:4d} rows  best {best[1]}: {t_ms / best[0]:.2f}x bitsandbytes", flush=True)
+            del q, p
+            torch.cuda.empty_cache()
+    finally:
+        nf4.TILES.clear()
+        nf4.TILES.update(saved[0])
+        nf4.STAGES, nf4.PROGRAMS = saved[1], saved[2]
+
+
 def bench_sample(shapes, dev):
     """The next token of every row from [rows, V] bf16 logits at T = 1: what a rollout's step ends with."""
     print("\nnext-token draw (exponential race): torch.multinomial path vs one fused pass")
@@ -300,6 +351,8 @@ def main():
         # 128: a 64-row rollout with its reference's twins; 256: the gpu preset's 32 x G=8 rollout, past
         # nf4.MAX_ROWS (it stays on bitsandbytes: does the kernel win there too?)
         bench_nf4([1, 64, 128, 256] if a.quick else [1, 8, 64, 128, 256], dev)
+    if "nf4-sweep" in only:
+        bench_nf4_sweep(dev)
     if "sample" in only:
         # SmolLM2's vocabulary at 16 rows (the CPU recipe's rollouts), Qwen2.5's at 64 (the issue's)
         bench_sample([(16, 49152), (64, 151936), (256, 151936)], dev)

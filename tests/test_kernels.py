@@ -383,6 +383,28 @@ def test_nf4_linear_with_the_code_table(monkeypatch, M, N, K):
 
 
 @needs_triton
+def test_nf4_sweep_tiles_give_the_references_products(monkeypatch):
+    """Every tile, pipeline depth and split-K target `bench/kernels.py --only nf4-sweep` times on a
+    GPU computes the same products (a wrong one would waste a lent GPU's minutes)."""
+    from bench.kernels import NF4_SWEEP
+    import kernels.nf4 as nf4
+    dtype = NF4_DTYPES[-1]
+    q = _nf4_linear(128, 512, True, dtype, DEV, seed=1)
+    p = kernels.nf4_prepare(q)
+    for m, tiles in NF4_SWEEP.items():
+        x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m)).to(DEV, dtype)
+        want = kernels.nf4_linear_torch(x, *p)
+        for bn, bk, warps, stages in tiles:
+            for programs in (1, 264):
+                monkeypatch.setitem(nf4.TILES, m, (bn, bk, warps))
+                monkeypatch.setattr(nf4, "STAGES", stages)
+                monkeypatch.setattr(nf4, "PROGRAMS", programs)
+                assert nf4._plan(m, 128, 512, 64)[1:3] == (bn, bk)
+                with torch.no_grad():
+                    torch.testing.assert_close(kernels.nf4_linear_triton(x, *p), want, **tol(dtype))
+
+
+@needs_triton
 def test_nf4_linear_dispatch(monkeypatch, count_calls):
     """The kernel runs only where it is asked for (NLA_KERNELS=triton: by default bitsandbytes,
     which it loses to on a GPU) and can serve: a decode batch without gradients; everything else
