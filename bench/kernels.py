@@ -292,10 +292,10 @@ def bench_attention(shapes, dev):
         programs, att.PROGRAMS = att.PROGRAMS, 1  # read at launch, i.e. at capture
         u_ms, ug = graph_ms(lambda: kernels.decode_attention_triton(q, k, v, mask, d ** -0.5))
         att.PROGRAMS = programs
-        gb = 2 * b * kvh * filled * d * 2
+        gb, splits = 2 * b * kvh * filled * d * 2, att._split(b * kvh, S, att._target(q.device))[0]
         print(f"{name:16} {f'{b} x {h}/{kvh} x {d}':28} {t_ms:9.3f} {k_ms:9.3f} {t_ms / k_ms:7.2f}x  "
-              f"{gb / k_ms / 1e6:6.0f} GB/s ({gb / k_ms / 1e6 / PEAK:.0%} of copy), {att._split(b * kvh, S)[0]} "
-              f"splits; {u_ms:.3f} ({t_ms / u_ms:.2f}x torch)  {_how(tg, kg, ug)}")
+              f"{gb / k_ms / 1e6:6.0f} GB/s ({gb / k_ms / 1e6 / PEAK:.0%} of copy), {splits} splits; "
+              f"{u_ms:.3f} ({t_ms / u_ms:.2f}x torch)  {_how(tg, kg, ug)}")
 
 
 def check_targets(records):

@@ -58,7 +58,7 @@ def launches(nf4_rows=(1, 32, 64, 128)) -> list[tuple]:
     import kernels.attention as att
     import kernels.sample as smp
     calls: list = []
-    saved = (nf4._K, lp._K, rw._K, inj._K, smp._K, att._K)
+    saved, programs = (nf4._K, lp._K, rw._K, inj._K, smp._K, att._K), att.PROGRAMS
     interp = os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not the interpreter's (as in CI)
     try:
         nf4._K = lp._K = rw._K = inj._K = smp._K = att._K = None
@@ -94,13 +94,14 @@ def launches(nf4_rows=(1, 32, 64, 128)) -> list[tuple]:
         smp.sample_next_triton(torch.zeros(64, V, dtype=bf), 1.0, torch.zeros(1, dtype=torch.long))
         # Qwen2.5-7B with twins: 28 query heads on 4 key/value heads of 128, 128 rows (one program
         # each); Qwen2.5-1.5B: 12 on 2, 64 rows (positions split among programs, then combined)
-        S = 226
+        S, att.PROGRAMS = 226, 4 * 132  # an H200's split target (CPU tensors would not split)
         for b, h, kvh in ((128, 28, 4), (64, 12, 2)):
             att._decode_attention_op(torch.zeros(b, h, 1, 128, dtype=bf), torch.zeros(b, kvh, S, 128, dtype=bf),
                                      torch.zeros(b, kvh, S, 128, dtype=bf), torch.ones(b, 1, 1, S, dtype=torch.bool),
                                      128 ** -0.5)
     finally:
         nf4._K, lp._K, rw._K, inj._K, smp._K, att._K = saved
+        att.PROGRAMS = programs
         if interp is not None:
             os.environ["TRITON_INTERPRET"] = interp
     return calls

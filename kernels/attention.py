@@ -34,21 +34,34 @@ from .dispatch import backend, dot_supported, empty, pow2
 # cache positions per step of a program's loop, and warps: by bench/sass.py, 64 positions on 4 warps
 # spill under Triton 3.6 (torch 2.11's) on every GPU; 32 on 8 spill nowhere, under 3.6 or 3.9
 BLOCK_N, WARPS = 32, 8
-# programs to aim for by splitting the cache's positions: about four per SM of a 132-SM GPU (the
-# 7B shape with its twins, 128 rows x 4 heads, has them unsplit; the 1.5B shape splits in 4). A
-# split program runs 16 positions on 4 warps: with 32 on 8 (the unsplit tile) Triton 3.6 gives it
-# 176 registers, one program per SM, which would leave the SMs no busier than before the split;
-# 16 on 4 has 156 (three per SM) and spills nowhere under 3.6 or 3.9 (bench/sass.py)
-PROGRAMS = 512
+# programs to aim for by splitting the cache's positions: None is four per SM of the GPU (on an
+# H200's 132, the 7B shape with its twins, 128 rows x 4 heads, stays unsplit; the 1.5B shape splits
+# in 4), and no split on a CPU (the interpreter: tests set it to split). A split program runs 16
+# positions on 4 warps: with 32 on 8 (the unsplit tile) Triton 3.6 gives it 176 registers, one
+# program per SM, which would leave the SMs no busier than before the split; 16 on 4 has 156
+# (three per SM) and spills nowhere under 3.6 or 3.9 (bench/sass.py)
+PROGRAMS: int | None = None
 SPLIT_BLOCK_N, SPLIT_WARPS = 16, 4
+_SMS: dict = {}
 
 
-def _split(programs: int, S: int) -> tuple[int, int, int, int]:
-    """(splits, positions per split, BLOCK_N, warps) for `programs` (rows x kv heads) over S slots."""
-    if -(-S // BLOCK_N) < 2 or programs * 2 > PROGRAMS:
+def _target(device: torch.device) -> int:
+    if PROGRAMS is not None:
+        return PROGRAMS
+    if device.type != "cuda":
+        return 1
+    if device.index not in _SMS:
+        _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return 4 * _SMS[device.index]
+
+
+def _split(programs: int, S: int, target: int) -> tuple[int, int, int, int]:
+    """(splits, positions per split, BLOCK_N, warps) for `programs` (rows x kv heads) over S slots,
+    aiming at `target` programs."""
+    if -(-S // BLOCK_N) < 2 or programs * 2 > target:
         return 1, S, BLOCK_N, WARPS
     blocks = -(-S // SPLIT_BLOCK_N)
-    per = -(-blocks // min(blocks, PROGRAMS // programs))
+    per = -(-blocks // min(blocks, target // programs))
     return -(-blocks // per), per * SPLIT_BLOCK_N, SPLIT_BLOCK_N, SPLIT_WARPS
 
 
@@ -83,7 +96,7 @@ def _decode_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     out = empty((b, 1, h, value.shape[-1]), query.dtype, query.device)
     if not b:
         return out
-    splits, chunk, block_n, warps = _split(b * kvh, S)
+    splits, chunk, block_n, warps = _split(b * kvh, S, _target(query.device))
     part, lse = out, out  # unsplit: the kernel writes the output itself
     if splits > 1:
         part = empty((splits, b, h, d), torch.float32, query.device)

@@ -520,8 +520,8 @@ def test_decode_attention(dtype, b, kvh, G, S, d, filled, programs, monkeypatch)
     one program per (row, key/value head), and with the positions split among several (these
     shapes split down to a block each: a split whose positions a row cannot see weighs nothing)."""
     monkeypatch.setattr(kernels.attention, "PROGRAMS", programs)
-    assert (kernels.attention._split(b * kvh, S)[0] > 1) == (programs > 1 and S > kernels.attention.BLOCK_N)
-    assert kernels.attention._split(b * kvh, S)[1] * kernels.attention._split(b * kvh, S)[0] >= S
+    splits, per, _, _ = kernels.attention._split(b * kvh, S, programs)
+    assert (splits > 1) == (programs > 1 and S > kernels.attention.BLOCK_N) and splits * per >= S
     q, k, v, mask = _decode_inputs(b, kvh, G, S, d, filled, dtype)
     assert kernels.attention.triton_serves(q, k, v, mask)
     want = kernels.decode_attention_torch(q, k, v, mask, d ** -0.5)
