@@ -151,7 +151,7 @@ def update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps
     av_params = lora.params(base.model, "av")
     n_tok = dist.sum_(torch.tensor(float(sum(len(s.ids) for s in samples))))
     opt_av.zero_grad(set_to_none=True)
-    kl_sum = 0.0
+    kl_sum = torch.zeros((), device=vecs.device)  # on the device: no host sync per chunk
     order = _by_length([len(s.ids) for s in samples], micro)
     with record_function("nla.update.grpo"):
         prompts, ref_prompts = Prompts(base, spec, vecs, "av", held=True), None  # once for every chunk
@@ -173,7 +173,7 @@ def update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps
             log_r = ref - lp
             kl = torch.exp(log_r) - log_r - 1  # k3 estimator: unbiased, non-negative
             ((pg + kl_coef * kl) * mask).sum().div(n_tok).backward()
-            kl_sum += float((kl.detach() * mask).sum())
+            kl_sum += (kl.detach() * mask).sum()
         prompts.backward()
     dist.sum_grads(av_params)
     opt_av.step()
