@@ -179,20 +179,25 @@ def bench_logprobs(shapes, dt, dev, weight_grad):
     return records
 
 
+def _nf4_layer(N: int, K: int, dev):
+    """A random bitsandbytes nf4 Linear4bit [N, K] (double quantisation) on `dev`, and the kernel's view of it."""
+    import bitsandbytes as bnb
+    q = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(torch.randn(N, K) * 0.02, requires_grad=False, compress_statistics=True,
+                                 quant_type="nf4")
+    q = q.to(dev)
+    return q, kernels.nf4_prepare(q)
+
+
 def bench_nf4(rows, dev):
     """A decode step's projections of a Qwen2.5-7B-shaped nf4 base: bitsandbytes' path (a bf16
     copy of the weight, then a GEMM), our kernel, and a plain bf16 GEMM (what a full-precision
     base reads). GB/s counts the nf4 bytes the kernel must read (weight + fp32 scales)."""
-    import bitsandbytes as bnb
     print("\nnf4 decode matmul (Qwen2.5-7B shapes): bitsandbytes vs kernels.nf4, and a bf16 GEMM for scale")
     print(f"{'projection':16} {'rows x N x K':28} {'bnb ms':>9} {'triton ms':>9} {'speedup':>8}  nf4 GB/s, bf16 GEMM ms, "
           f"codes-table ms (NLA_NF4_TABLE=codes)")
     for name, N, K in (("q/o", 3584, 3584), ("k/v", 512, 3584), ("gate/up", 18944, 3584), ("down", 3584, 18944)):
-        q = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
-        q.weight = bnb.nn.Params4bit(torch.randn(N, K) * 0.02, requires_grad=False, compress_statistics=True,
-                                     quant_type="nf4")
-        q = q.to(dev)
-        p = kernels.nf4_prepare(q)
+        q, p = _nf4_layer(N, K, dev)
         w = kernels.nf4.dequantize_torch(*p, torch.bfloat16)
         for m in rows:
             x = torch.randn(m, K, device=dev, dtype=torch.bfloat16)
@@ -221,18 +226,12 @@ NF4_SWEEP = {64: [(128, 64, 8, 2), (32, 128, 8, 2), (32, 128, 8, 3), (32, 128, 8
 def bench_nf4_sweep(dev):
     """The nf4 kernel's tile, pipeline stages and split-K target by device time (each beside
     bitsandbytes), for the two largest 7B projections at a rollout's 64 rows and 128 with twins."""
-    import bitsandbytes as bnb
     import kernels.nf4 as nf4
     print("\nnf4 tile sweep (Qwen2.5-7B, device time in a CUDA graph): tile, stages, split-K target")
     saved = (dict(nf4.TILES), nf4.STAGES, nf4.PROGRAMS)
     try:
         for name, N, K in (("gate/up", 18944, 3584), ("down", 3584, 18944)):
-            q = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True,
-                                  quant_type="nf4")
-            q.weight = bnb.nn.Params4bit(torch.randn(N, K) * 0.02, requires_grad=False, compress_statistics=True,
-                                         quant_type="nf4")
-            q = q.to(dev)
-            p = kernels.nf4_prepare(q)
+            q, p = _nf4_layer(N, K, dev)
             gb = N * K / 2 + N * K / p[5] * 4
             for m, tiles in NF4_SWEEP.items():
                 x = torch.randn(m, K, device=dev, dtype=torch.bfloat16)
