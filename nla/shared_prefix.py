@@ -17,7 +17,9 @@ checkpointing (a replayed block would write it twice). Instead the attention fun
 each block's keys and values during a level's forward, and the next level's forward (positions
 P..) attends to them through an index, so gradients reach the earlier forwards as through any
 tensor. The level a block ran is a keyword argument, which checkpointing replays with the block;
-the attention implementation's name is replayed by lora._replaying.
+the attention implementation's name is replayed by lora._replaying. In an update, the prompts'
+levels run once for all micro-batches (Held): each micro-batch's backward stops at leaf copies
+of their keys and values, and one backward after the last sends the summed gradients through.
 """
 from __future__ import annotations
 
