@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import os
 from dataclasses import dataclass
 
 import torch
@@ -42,13 +43,24 @@ def _prompt(spec: NLASpec, n: int, device) -> torch.Tensor:
     return torch.tensor(spec.av_prompt_ids, device=device).expand(n, -1).contiguous()
 
 
+def common_level(device: torch.device) -> bool:
+    """Run the prompt's tokens before the placeholder, the same for every row, as a level of their
+    own (once, not once per distinct vector)? On a CPU, yes: compute-bound, so the (u - 1) x ~41
+    row-tokens it saves are time. On a GPU, no: a level is one more eager pass of the decoder, tens
+    of ms of launches whatever its rows (and at 7B nf4 every weight dequantised), against a few ms
+    of GEMMs saved at any u an RL batch has. NLA_COMMON_LEVEL=0|1 overrides."""
+    forced = os.environ.get("NLA_COMMON_LEVEL", "")
+    return forced == "1" if forced in ("0", "1") else device.type == "cpu"
+
+
 def _prompts(model, module, spec: NLASpec, vectors: torch.Tensor, **kw):
     """The AV prompts of distinct `vectors` [u, d] through `module` (the model or its decoder):
     (the level holding their keys and values, the module's output for them). The tokens before
     the placeholder are the same for every row, so in `replace` mode they run once, as a level of
-    their own (nla/shared_prefix.py)."""
+    their own, where that pays (common_level; nla/shared_prefix.py)."""
     ids = _prompt(spec, len(vectors), vectors.device)
-    split = int(locate(ids[:1], spec, 1)[0].argmax()) if spec.injection_mode == "replace" else 0
+    split = (int(locate(ids[:1], spec, 1)[0].argmax())
+             if spec.injection_mode == "replace" and common_level(vectors.device) else 0)
     with injected(model, ids, vectors, spec) as emb:
         common = None
         if split > 0:

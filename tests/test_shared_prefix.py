@@ -9,7 +9,7 @@ from nla.inject import injected
 from nla.models import decoder_of, load_base, residual
 from nla.reconstructor import ARHead, Prefix, reconstruct
 from nla.spec import build_spec
-from nla.verbalizer import Prompts, generate, response_logprobs
+from nla.verbalizer import Prompts, common_level, generate, response_logprobs
 
 META = {"injection_scale": 3.0, "mse_mean": {"train": 1.5}}
 TEXTS = ["alpha beta", "gamma delta epsilon zeta", "", "one two three four five six", "cats"]
@@ -65,9 +65,12 @@ def _grads(params):
 CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.mark.parametrize("checkpointing,mode,device", [(False, "replace", "cpu"), (True, "replace", "cpu"),
-                                                       (True, "add", "cpu"), pytest.param(True, "replace", "cuda", marks=CUDA)])
-def test_av_logprobs_and_grads_equal_a_plain_forward(tiny_path, checkpointing, mode, device):
+@pytest.mark.parametrize("checkpointing,mode,device,common", [
+    (False, "replace", "cpu", "1"), (True, "replace", "cpu", "1"), (True, "add", "cpu", "1"),
+    (True, "replace", "cpu", "0"),  # the prompt as one level, as on a GPU (verbalizer.common_level)
+    pytest.param(True, "replace", "cuda", "", marks=CUDA)])
+def test_av_logprobs_and_grads_equal_a_plain_forward(tiny_path, checkpointing, mode, device, common, monkeypatch):
+    monkeypatch.setenv("NLA_COMMON_LEVEL", common)
     base, spec = _setup(tiny_path, checkpointing, mode, device)
     g = torch.Generator().manual_seed(2)
     vectors = torch.randn(3, base.d_model, generator=g)[torch.tensor([0, 0, 0, 1, 2, 2, 1])].to(device)  # groups, unsorted
@@ -169,9 +172,10 @@ def test_an_update_runs_its_shared_tokens_once(tiny_path):
     assert [s for s in seen if s[1] in (split, P - split)] == [(1, split), (3, P - split)] * 2  # av, ref
 
 
-def test_each_distinct_prompt_runs_once(tiny_path):
+def test_each_distinct_prompt_runs_once(tiny_path, monkeypatch):
     """The first block sees one prompt per distinct vector, then every row's response (GRPO's
-    log-probs) or token (a rollout's decode steps): never a prompt per row."""
+    log-probs) or token (a rollout's decode steps): never a prompt per row. On a CPU the tokens
+    before the placeholder run once for all rows; on a GPU with the rest (one pass fewer)."""
     base, spec = _setup(tiny_path, False)
     seen = []
     hook = decoder_of(base.model).layers[0].register_forward_hook(lambda m, a, o: seen.append(tuple(a[0].shape[:2])))
@@ -189,7 +193,13 @@ def test_each_distinct_prompt_runs_once(tiny_path):
         seen.clear()
         lp, _ = response_logprobs(base, spec, vectors, [[300]] * 8, "av")  # one token each: the prompt only
         assert seen == prompts and lp.shape == (8, 1)
+        monkeypatch.setenv("NLA_COMMON_LEVEL", "0")  # a GPU's default: the prompt in one level
+        seen.clear()
+        response_logprobs(base, spec, vectors, [[300, 301, 302]] * 8, "av")
+        assert seen == [(2, P), (8, 2)]
+        monkeypatch.delenv("NLA_COMMON_LEVEL")
     hook.remove()
+    assert common_level(torch.device("cpu")) and not common_level(torch.device("cuda"))
     base, spec = _setup(tiny_path, False, "add")  # the vector enters at block 1 over the whole prompt
     seen.clear()
     hook = decoder_of(base.model).layers[0].register_forward_hook(lambda m, a, o: seen.append(tuple(a[0].shape[:2])))
