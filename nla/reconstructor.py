@@ -12,7 +12,7 @@ from torch import nn
 
 from . import lora
 from .models import early_exit
-from .shared_prefix import Held, SharedPrefix
+from .shared_prefix import Held, SharedPrefix, common_level
 from .spec import NLASpec
 
 MAX_EXPLANATION_TOKENS = 192
@@ -35,18 +35,22 @@ def ar_inputs(tok, spec: NLASpec, texts: list[str], device) -> tuple[torch.Tenso
 
 
 class Prefix:
-    """The template's prefix, the same for every row, run once under `role` (nla/shared_prefix.py).
+    """The template's prefix, the same for every row, run once under `role` where a level of its
+    own pays (shared_prefix.common_level: on a CPU; on a GPU it runs with every row, `run` None).
     `held`: once for all of an update's micro-batches (call `backward()` after theirs)."""
 
     def __init__(self, base, spec: NLASpec, role: str = "ar", held: bool = False):
-        self.role = role
+        self.role, self.run = role, None
+        if not common_level(base.device):
+            return
         with lora.use(base.model, role), early_exit(base.model, spec.layer) as inner:
             level = SharedPrefix(base.model)
             first = level.forward(inner, input_ids=torch.tensor([spec.ar_prefix_ids], device=base.device))
         self.run = Held(level, (first.last_hidden_state[:, -1:],), leaves=held)
 
     def backward(self) -> None:
-        self.run.backward()
+        if self.run is not None:
+            self.run.backward()
 
 
 def reconstruct(base, spec: NLASpec, head: ARHead, texts: list[str], role: str = "ar",
@@ -57,8 +61,14 @@ def reconstruct(base, spec: NLASpec, head: ARHead, texts: list[str], role: str =
     ids, lens = ar_inputs(base.tokenizer, spec, texts, base.device)
     n = len(texts)
     with lora.use(base.model, prefix.role), early_exit(base.model, spec.layer) as inner:
-        rows = SharedPrefix(base.model, prefix.run.level, torch.zeros(n, dtype=torch.long, device=base.device),
-                            record=False)
-        h = torch.cat([prefix.run.outputs[0].expand(n, -1, -1), rows.forward(inner, input_ids=ids).last_hidden_state], 1)
+        if prefix.run is None:  # the prefix with every row; h from its last token on, as below
+            P = len(spec.ar_prefix_ids)
+            ids = torch.cat([torch.tensor(spec.ar_prefix_ids, device=base.device).expand(n, -1), ids], 1)
+            h = SharedPrefix(base.model, record=False).forward(inner, input_ids=ids).last_hidden_state[:, P - 1:]
+        else:
+            rows = SharedPrefix(base.model, prefix.run.level, torch.zeros(n, dtype=torch.long, device=base.device),
+                                record=False)
+            h = torch.cat([prefix.run.outputs[0].expand(n, -1, -1), rows.forward(inner, input_ids=ids).last_hidden_state],
+                          1)
     h_last = h[torch.arange(n, device=h.device), lens].float()  # the template's last token
     return head(h_last.to(head.weight.dtype))

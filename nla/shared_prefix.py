@@ -23,6 +23,8 @@ of their keys and values, and one backward after the last sends the summed gradi
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .errors import NLAError
@@ -82,6 +84,18 @@ class Held:
         self._pairs = []
         if pairs:
             torch.autograd.backward([s for s, _ in pairs], [g for _, g in pairs])
+
+
+def common_level(device: torch.device) -> bool:
+    """Run the tokens every row starts with (the AV prompt's before the placeholder, the AR's
+    template prefix) as a level of their own, once, rather than with every row? On a CPU, yes:
+    compute-bound, so the (rows - 1) x ~14-41 row-tokens it saves are time. On a GPU, no: a level
+    is one more eager pass of the decoder, tens of ms of launches whatever its rows (and at 7B nf4
+    every weight dequantised), against a few ms of GEMMs saved at an RL batch's sizes. (A GRPO
+    group's prompt, 35 tokens per distinct vector for G rows, stays shared everywhere.)
+    NLA_COMMON_LEVEL=0|1 overrides."""
+    forced = os.environ.get("NLA_COMMON_LEVEL", "")
+    return forced == "1" if forced in ("0", "1") else device.type == "cpu"
 
 
 def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

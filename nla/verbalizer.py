@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-import os
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +24,7 @@ from . import lora
 from .decoding import Decoder, StopDetector, pick
 from .inject import injected, locate
 from .models import decoder_of
-from .shared_prefix import Held, SharedPrefix, distinct_rows
+from .shared_prefix import Held, SharedPrefix, common_level, distinct_rows
 from .spec import CLOSE, NLASpec
 
 CHECK_EVERY = 8  # decode steps between host syncs asking "has every row stopped?"
@@ -41,16 +40,6 @@ class Sample:
 
 def _prompt(spec: NLASpec, n: int, device) -> torch.Tensor:
     return torch.tensor(spec.av_prompt_ids, device=device).expand(n, -1).contiguous()
-
-
-def common_level(device: torch.device) -> bool:
-    """Run the prompt's tokens before the placeholder, the same for every row, as a level of their
-    own (once, not once per distinct vector)? On a CPU, yes: compute-bound, so the (u - 1) x ~41
-    row-tokens it saves are time. On a GPU, no: a level is one more eager pass of the decoder, tens
-    of ms of launches whatever its rows (and at 7B nf4 every weight dequantised), against a few ms
-    of GEMMs saved at any u an RL batch has. NLA_COMMON_LEVEL=0|1 overrides."""
-    forced = os.environ.get("NLA_COMMON_LEVEL", "")
-    return forced == "1" if forced in ("0", "1") else device.type == "cpu"
 
 
 def _prompts(model, module, spec: NLASpec, vectors: torch.Tensor, **kw):

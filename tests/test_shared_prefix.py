@@ -8,8 +8,9 @@ from nla import lora
 from nla.inject import injected
 from nla.models import decoder_of, load_base, residual
 from nla.reconstructor import ARHead, Prefix, reconstruct
+from nla.shared_prefix import common_level
 from nla.spec import build_spec
-from nla.verbalizer import Prompts, common_level, generate, response_logprobs
+from nla.verbalizer import Prompts, generate, response_logprobs
 
 META = {"injection_scale": 3.0, "mse_mean": {"train": 1.5}}
 TEXTS = ["alpha beta", "gamma delta epsilon zeta", "", "one two three four five six", "cats"]
@@ -67,7 +68,7 @@ CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reaso
 
 @pytest.mark.parametrize("checkpointing,mode,device,common", [
     (False, "replace", "cpu", "1"), (True, "replace", "cpu", "1"), (True, "add", "cpu", "1"),
-    (True, "replace", "cpu", "0"),  # the prompt as one level, as on a GPU (verbalizer.common_level)
+    (True, "replace", "cpu", "0"),  # the prompt as one level, as on a GPU (shared_prefix.common_level)
     pytest.param(True, "replace", "cuda", "", marks=CUDA)])
 def test_av_logprobs_and_grads_equal_a_plain_forward(tiny_path, checkpointing, mode, device, common, monkeypatch):
     monkeypatch.setenv("NLA_COMMON_LEVEL", common)
@@ -91,8 +92,9 @@ def test_av_logprobs_and_grads_equal_a_plain_forward(tiny_path, checkpointing, m
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_ar_reconstructions_and_grads_equal_a_plain_forward(tiny_path, checkpointing):
+@pytest.mark.parametrize("checkpointing,common", [(False, "1"), (True, "1"), (True, "0")])  # "0": a GPU's way
+def test_ar_reconstructions_and_grads_equal_a_plain_forward(tiny_path, checkpointing, common, monkeypatch):
+    monkeypatch.setenv("NLA_COMMON_LEVEL", common)
     base, spec = _setup(tiny_path, checkpointing)
     head = ARHead(base.d_model)
     params = lora.params(base.model, "ar") + list(head.parameters())
@@ -111,11 +113,15 @@ def test_ar_reconstructions_and_grads_equal_a_plain_forward(tiny_path, checkpoin
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("checkpointing,mode", [(False, "replace"), (True, "replace"), (True, "add")])
-def test_held_prompts_and_prefix_give_micro_batches_a_plain_forwards_grads(tiny_path, checkpointing, mode):
+@pytest.mark.parametrize("checkpointing,mode,common", [(False, "replace", "1"), (True, "replace", "1"),
+                                                      (True, "add", "1"), (True, "replace", "0")])
+def test_held_prompts_and_prefix_give_micro_batches_a_plain_forwards_grads(tiny_path, checkpointing, mode, common,
+                                                                           monkeypatch):
     """An update's micro-batches read the AV prompts and the AR's prefix run once for all of them
     (held): each backward stops at their leaves, and one backward after the last sends the sum
-    through them. The gradients are a plain forward's of every whole row."""
+    through them. The gradients are a plain forward's of every whole row. (common "0": a GPU's
+    way, the prompt one level and the AR's prefix with every row.)"""
+    monkeypatch.setenv("NLA_COMMON_LEVEL", common)
     base, spec = _setup(tiny_path, checkpointing, mode)
     g = torch.Generator().manual_seed(2)
     vectors = torch.randn(3, base.d_model, generator=g)[torch.tensor([0, 0, 0, 1, 2, 2, 1])]
@@ -150,11 +156,14 @@ def test_held_prompts_and_prefix_give_micro_batches_a_plain_forwards_grads(tiny_
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_an_update_runs_its_shared_tokens_once(tiny_path):
-    """Whatever the micro-batches: the AR's prefix runs once per update, the AV prompts once per
-    role (the policy's, and the reference's where the rollout did not take its log-probs)."""
+@pytest.mark.parametrize("common", ["1", "0"])
+def test_an_update_runs_its_shared_tokens_once(tiny_path, common, monkeypatch):
+    """Whatever the micro-batches: the AR's prefix runs once per update (a CPU's way; a GPU's runs
+    it with every row), the AV prompts once per role (the policy's, and the reference's where the
+    rollout did not take its log-probs): their common tokens as a level of their own on a CPU."""
     from nla.grpo import update
     from nla.verbalizer import Sample, target_ids
+    monkeypatch.setenv("NLA_COMMON_LEVEL", common)
     base, spec = _setup(tiny_path, False)
     lora.attach(base.model, {"ref": 4})
     head = ARHead(base.d_model)
@@ -168,8 +177,9 @@ def test_an_update_runs_its_shared_tokens_once(tiny_path):
     update(base, spec, head, vectors, samples, opt_av, opt_ar, G=2, kl_coef=0.01, clip_eps=0.2, micro=2)
     hook.remove()
     P, split, Pa = len(spec.av_prompt_ids), spec.av_prompt_ids.index(spec.placeholder_id), len(spec.ar_prefix_ids)
-    assert seen.count((1, Pa)) == 1  # three chunks of AR rows
-    assert [s for s in seen if s[1] in (split, P - split)] == [(1, split), (3, P - split)] * 2  # av, ref
+    prompts = [(1, split), (3, P - split)] if common == "1" else [(3, P)]
+    assert seen.count((1, Pa)) == (common == "1")  # three chunks of AR rows
+    assert [s for s in seen if s[1] in (split, P - split, P)] == prompts * 2  # av, ref
 
 
 def test_each_distinct_prompt_runs_once(tiny_path, monkeypatch):
