@@ -9,9 +9,10 @@
        ref_in_rollout), token-level averaging over the global batch.
 With one update per batch the ratio is exactly 1 (the clip is inert); it is kept so that
 more epochs per batch would be correct. A group's G rows share their prompt's forward (in the
-rollout and in both log-prob passes: nla/shared_prefix.py), and in the update the prompts and the
-AR's template prefix run once for all micro-batches (shared_prefix.Held): on a GPU each forward
-of a few rows costs about what a full one does (every weight read, ~400 launches per block).
+rollout and in both log-prob passes: nla/shared_prefix.py), and in the update the prompts (and,
+on a CPU, the AR's template prefix) run once for all micro-batches (shared_prefix.Held): on a GPU
+each forward of a few rows costs about what a full one does (every weight read, ~400 launches per
+block).
 """
 from __future__ import annotations
 
@@ -133,7 +134,7 @@ def update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps
     pred = torch.zeros_like(vecs, dtype=torch.float32)
     good_order = [good[i] for i in _by_length([len(texts[j]) for j in good], micro)]  # characters: ~tokens
     with record_function("nla.update.ar"):
-        prefix = Prefix(base, spec, "ar", held=True)  # once for every chunk
+        prefix = Prefix(base, spec, "ar", held=True)  # once for every chunk (on a GPU: with every row)
         for c in _chunks(len(good), micro):
             rows = good_order[c]
             p = reconstruct(base, spec, head, [texts[i] for i in rows], prefix=prefix)
