@@ -203,10 +203,14 @@ def test_each_distinct_prompt_runs_once(tiny_path, monkeypatch):
         seen.clear()
         lp, _ = response_logprobs(base, spec, vectors, [[300]] * 8, "av")  # one token each: the prompt only
         assert seen == prompts and lp.shape == (8, 1)
+        levels = generate(base, spec, vectors, 3, 0.0)
         monkeypatch.setenv("NLA_COMMON_LEVEL", "0")  # a GPU's default: the prompt in one level
         seen.clear()
         response_logprobs(base, spec, vectors, [[300, 301, 302]] * 8, "av")
         assert seen == [(2, P), (8, 2)]
+        seen.clear()
+        assert [s.ids for s in generate(base, spec, vectors, 3, 0.0)] == [s.ids for s in levels]
+        assert seen == [(2, P), (8, 1), (8, 1)]
         monkeypatch.delenv("NLA_COMMON_LEVEL")
     hook.remove()
     assert common_level(torch.device("cpu")) and not common_level(torch.device("cuda"))
