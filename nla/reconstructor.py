@@ -56,7 +56,8 @@ class Prefix:
 def reconstruct(base, spec: NLASpec, head: ARHead, texts: list[str], role: str = "ar",
                 prefix: Prefix | None = None) -> torch.Tensor:
     """[N, d] fp32 reconstructions; differentiable when grad is enabled. The template's prefix is
-    the same for every row, so it runs once (a `prefix` given has run it: its role is used)."""
+    the same for every row, so it runs once where that pays (Prefix; a `prefix` given has run it,
+    and its role is used)."""
     prefix = prefix or Prefix(base, spec, role)
     ids, lens = ar_inputs(base.tokenizer, spec, texts, base.device)
     n = len(texts)
