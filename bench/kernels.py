@@ -180,13 +180,15 @@ def bench_logprobs(shapes, dt, dev, weight_grad):
 
 
 def _nf4_layer(N: int, K: int, dev):
-    """A random bitsandbytes nf4 Linear4bit [N, K] (double quantisation) on `dev`, and the kernel's view of it."""
+    """A random bitsandbytes nf4 Linear4bit [N, K] (double quantisation) on `dev`, the kernel's view
+    of it, and the nf4 bytes the kernel must read (weight + fp32 scales)."""
     import bitsandbytes as bnb
     q = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
     q.weight = bnb.nn.Params4bit(torch.randn(N, K) * 0.02, requires_grad=False, compress_statistics=True,
                                  quant_type="nf4")
     q = q.to(dev)
-    return q, kernels.nf4_prepare(q)
+    p = kernels.nf4_prepare(q)
+    return q, p, N * K / 2 + N * K / p[5] * 4
 
 
 def bench_nf4(rows, dev):
@@ -197,7 +199,7 @@ def bench_nf4(rows, dev):
     print(f"{'projection':16} {'rows x N x K':28} {'bnb ms':>9} {'triton ms':>9} {'speedup':>8}  nf4 GB/s, bf16 GEMM ms, "
           f"codes-table ms (NLA_NF4_TABLE=codes)")
     for name, N, K in (("q/o", 3584, 3584), ("k/v", 512, 3584), ("gate/up", 18944, 3584), ("down", 3584, 18944)):
-        q, p = _nf4_layer(N, K, dev)
+        q, p, gb = _nf4_layer(N, K, dev)
         w = kernels.nf4.dequantize_torch(*p, torch.bfloat16)
         for m in rows:
             x = torch.randn(m, K, device=dev, dtype=torch.bfloat16)
@@ -208,7 +210,6 @@ def bench_nf4(rows, dev):
                 os.environ["NLA_NF4_TABLE"] = "codes"  # read when the op launches, i.e. at capture
                 c_ms, cg = graph_ms(lambda: kernels.nf4_linear_triton(x, *p))
                 os.environ.pop("NLA_NF4_TABLE")
-            gb = N * K / 2 + N * K / p[5] * 4
             print(f"{name:16} {f'{m} x {N} x {K}':28} {t_ms:9.3f} {k_ms:9.3f} {t_ms / k_ms:7.2f}x  "
                   f"{gb / k_ms / 1e6:6.0f} GB/s ({gb / k_ms / 1e6 / PEAK:.0%} of copy), {g_ms:.3f}, {c_ms:.3f} "
                   f"({t_ms / c_ms:.2f}x bnb)  {_how(tg, kg, gg, cg)}")
@@ -231,8 +232,7 @@ def bench_nf4_sweep(dev):
     saved = (dict(nf4.TILES), nf4.STAGES, nf4.PROGRAMS)
     try:
         for name, N, K in (("gate/up", 18944, 3584), ("down", 3584, 18944)):
-            q, p = _nf4_layer(N, K, dev)
-            gb = N * K / 2 + N * K / p[5] * 4
+            q, p, gb = _nf4_layer(N, K, dev)
             for m, tiles in NF4_SWEEP.items():
                 x = torch.randn(m, K, device=dev, dtype=torch.bfloat16)
                 with torch.no_grad():

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import backend, dot_supported, empty, pow2
+from .dispatch import backend, dot_supported, empty, pow2, sm_count
 
 # cache positions per step of a program's loop, and warps: by bench/sass.py, 64 positions on 4 warps
 # spill under Triton 3.6 (torch 2.11's) on every GPU; 32 on 8 spill nowhere, under 3.6 or 3.9
@@ -42,17 +42,12 @@ BLOCK_N, WARPS = 32, 8
 # (three per SM) and spills nowhere under 3.6 or 3.9 (bench/sass.py)
 PROGRAMS: int | None = None
 SPLIT_BLOCK_N, SPLIT_WARPS = 16, 4
-_SMS: dict = {}
 
 
 def _target(device: torch.device) -> int:
     if PROGRAMS is not None:
         return PROGRAMS
-    if device.type != "cuda":
-        return 1
-    if device.index not in _SMS:
-        _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return 4 * _SMS[device.index]
+    return 4 * sm_count(device) if device.type == "cuda" else 1
 
 
 def _split(programs: int, S: int, target: int) -> tuple[int, int, int, int]:

@@ -69,6 +69,17 @@ def dot_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return _MMA_BF16[i]
 
 
+_SMS: dict = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device, asked once per device."""
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SMS:
+        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SMS[i]
+
+
 def empty(shape, dtype, device) -> torch.Tensor:
     """Output buffers of the Triton paths. With NLA_KERNELS_POISON=1 they start as NaN (or -1),
     so a parity test sees any element a kernel forgot to write."""

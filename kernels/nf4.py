@@ -179,15 +179,14 @@ def _k():
 PROGRAMS = 264  # split-K aims at about this many programs: two waves on a 132-SM GPU
 
 
-def _splits(K: int, block_k: int, tiles: int, target: int | None = None) -> int:
-    """Split K into equal parts (whole BLOCK_Ks) so that the programs number about `target` (two
-    waves on a 132-SM GPU): a decode batch has one row tile, so N alone gives too few. The split
-    nearest the target by ratio, not the first above it: each part writes an fp32 [M, N] partial,
-    and at 7B's down projection the first split above 264 programs would write as many partial
-    bytes as the weight has."""
-    steps, target = K // block_k, target or PROGRAMS
+def _splits(K: int, block_k: int, tiles: int) -> int:
+    """Split K into equal parts (whole BLOCK_Ks) so that the programs number about PROGRAMS: a
+    decode batch has one row tile, so N alone gives too few. The split nearest the target by ratio,
+    not the first above it: each part writes an fp32 [M, N] partial, and at 7B's down projection
+    the first split above 264 programs would write as many partial bytes as the weight has."""
+    steps = K // block_k
     splits = [s for s in range(1, steps + 1) if steps % s == 0]
-    return min(splits, key=lambda s: max(tiles * s / target, target / (tiles * s)))
+    return min(splits, key=lambda s: max(tiles * s / PROGRAMS, PROGRAMS / (tiles * s)))
 
 
 # (BLOCK_N, BLOCK_K, warps) per row tile, chosen by compiled SASS (bench/sass.py --sweep): the
