@@ -126,15 +126,27 @@ dist.finish()
 '''
 
 
+def _torchrun(script, tiny_path, out, env):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={_free_port()}", "--master_addr=127.0.0.1", str(script), tiny_path, str(out)],
+                          capture_output=True, text=True, env=env)
+
+
 def test_two_process_gloo_equals_one_process(tiny_path, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # faulthandler: a rank that aborts prints every thread's Python stack, so the place shows
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     one = subprocess.run([sys.executable, str(script), tiny_path, str(tmp_path / "one.pt")], capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-                          "--master_addr=127.0.0.1", str(script), tiny_path, str(tmp_path / "two.pt")],
-                         capture_output=True, text=True, env=env)
+    two = _torchrun(script, tiny_path, tmp_path / "two.pt", env)
+    if two.returncode != 0 and "terminate called without an active exception" in two.stderr:
+        # CI saw this once (2026-11-27) in ~100+ clean runs here: a rank's C++ side aborts, with no
+        # Python error. Not our numerics (those fail the same way every time), so one retry, said
+        # out loud in the warnings summary with the stack faulthandler printed.
+        import warnings
+        warnings.warn(f"a gloo rank aborted; retrying once. Its stderr ended:\n{two.stderr[-4000:]}")
+        two = _torchrun(script, tiny_path, tmp_path / "two.pt", env)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     torch.testing.assert_close(a["head"], b["head"], rtol=1e-5, atol=1e-6)
