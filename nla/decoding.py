@@ -45,6 +45,7 @@ import torch
 
 import kernels
 
+from . import switches
 from .models import attention_as
 from .shared_prefix import SharedPrefix
 
@@ -120,7 +121,8 @@ def packed_gqa_attention(module, query, key, value, attention_mask, dropout=0.0,
 def packed_gqa(model):
     """Decode with packed_gqa_attention where the model runs SDPA (its masks stay SDPA's);
     NLA_PACKED_GQA=0 keeps Hugging Face's path (for a comparison)."""
-    if getattr(model.config, "_attn_implementation", None) != "sdpa" or os.environ.get("NLA_PACKED_GQA", "1") == "0":
+    off = switches.forced("NLA_PACKED_GQA") is False  # read first: a bad value is an error everywhere
+    if off or getattr(model.config, "_attn_implementation", None) != "sdpa":
         return contextlib.nullcontext()
     return attention_as(model, PACKED, lambda *a, **k: packed_gqa_attention(*a, **k))
 
@@ -131,7 +133,7 @@ def _cache_kw(model) -> str:
 
 
 def _graphs_wanted(device: torch.device) -> bool:
-    return device.type == "cuda" and os.environ.get("NLA_CUDA_GRAPH", "1") != "0"
+    return switches.forced("NLA_CUDA_GRAPH") is not False and device.type == "cuda"
 
 
 def _quantised(m) -> bool:
@@ -155,11 +157,11 @@ def _all_nf4_kernel(model, n: int, dtype: torch.dtype) -> bool:
 
 
 def _compile_wanted(model, device: torch.device, n: int, dtype: torch.dtype) -> bool:
+    forced = switches.forced("NLA_COMPILE_DECODE")
     if not _graphs_wanted(device):
         return False
-    forced = os.environ.get("NLA_COMPILE_DECODE", "")
-    if forced in ("0", "1"):
-        return forced == "1"
+    if forced is not None:
+        return forced
     return not any(_quantised(m) for m in model.modules()) or _all_nf4_kernel(model, n, dtype)
 
 

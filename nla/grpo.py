@@ -24,7 +24,7 @@ from torch.profiler import record_function  # named phases in a profile (bench/c
 
 import kernels
 
-from . import decoding, dist, lora
+from . import decoding, dist, lora, switches
 from .errors import NLAError
 from .reconstructor import Prefix, reconstruct
 from .reward import mse, score
@@ -49,9 +49,9 @@ def ref_in_rollout(base, rows: int) -> bool:
     training forward's (~1e-2 in bf16), so the KL estimate gains a floor of rounding noise, the
     same noise a sampler's log-probs carry in any RL library that reuses them.
     NLA_REF_IN_ROLLOUT=0|1 overrides."""
-    forced = os.environ.get("NLA_REF_IN_ROLLOUT", "")
-    if forced in ("0", "1"):
-        return forced == "1"
+    forced = switches.forced("NLA_REF_IN_ROLLOUT")
+    if forced is not None:
+        return forced
     return base.device.type == "cuda" and not lora.merge_wanted(base.model) and 2 * rows <= kernels.nf4.MAX_ROWS
 
 

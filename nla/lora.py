@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 
 import torch
 from torch import nn
 
 import kernels
+
+from . import switches
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -181,12 +182,12 @@ def merge_wanted(model: nn.Module) -> bool:
     weight has nothing to add to), and on a GPU only when the copies (about the blocks' weights
     again) fit twice over in free memory. Decided once per model, so a CUDA graph captured over
     one path is never replayed after a switch to the other; NLA_MERGE_SAMPLING=0|1 overrides."""
+    forced = switches.forced("NLA_MERGE_SAMPLING")
     mods = _wrapped(model)
     if not mods or not all(_mergeable(m) for _, m in mods):
         return False
-    forced = os.environ.get("NLA_MERGE_SAMPLING", "")
-    if forced in ("0", "1"):
-        return forced == "1"
+    if forced is not None:
+        return forced
     if getattr(model, "_nla_merge", None) is None:
         w = mods[0][1].base.weight
         need = sum(m.base.weight.numel() * m.base.weight.element_size() for _, m in mods)
@@ -312,8 +313,8 @@ def _nf4_groups(model: nn.Module) -> list[_NF4Group]:
 def _fused_wanted(device: torch.device) -> bool:
     """One product per input for sibling projections while sampling? On a GPU (latency-bound small
     GEMMs), not on a CPU (compute-bound: nothing to gain). NLA_FUSED_SAMPLING=0|1 overrides."""
-    forced = os.environ.get("NLA_FUSED_SAMPLING", "")
-    return forced == "1" if forced in ("0", "1") else device.type == "cuda"
+    forced = switches.forced("NLA_FUSED_SAMPLING")
+    return forced if forced is not None else device.type == "cuda"
 
 
 def _prepare_nf4(model: nn.Module) -> None:

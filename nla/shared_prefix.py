@@ -23,10 +23,9 @@ of their keys and values, and one backward after the last sends the summed gradi
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from . import switches
 from .errors import NLAError
 from .models import attention_as
 
@@ -94,8 +93,8 @@ def common_level(device: torch.device) -> bool:
     every weight dequantised), against a few ms of GEMMs saved at an RL batch's sizes. (A GRPO
     group's prompt, 35 tokens per distinct vector for G rows, stays shared everywhere.)
     NLA_COMMON_LEVEL=0|1 overrides."""
-    forced = os.environ.get("NLA_COMMON_LEVEL", "")
-    return forced == "1" if forced in ("0", "1") else device.type == "cpu"
+    forced = switches.forced("NLA_COMMON_LEVEL")
+    return forced if forced is not None else device.type == "cpu"
 
 
 def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,17 @@
+"""The NLA_* overrides that force a default choice one way or the other (0: off, 1: on), read in
+one place so that a mistyped value is a one-line error rather than a silently kept default."""
+from __future__ import annotations
+
+import os
+
+from .errors import NLAError
+
+
+def forced(name: str) -> bool | None:
+    """True where the variable is 1, False where 0, None where unset or empty (the default stands)."""
+    v = os.environ.get(name, "").strip()
+    if v == "":
+        return None
+    if v not in ("0", "1"):
+        raise NLAError(f"{name} must be 0 or 1 (or unset for the default), got {v!r}")
+    return v == "1"
