@@ -29,12 +29,15 @@ def _group():
 
 
 def _check_env() -> None:
-    """The kernel switches (NLA_KERNELS, NLA_NF4_TABLE) as one-line errors, before any work."""
+    """The kernel switches (NLA_KERNELS, NLA_NF4_TABLE) and the 0|1 ones (nla.switches) as
+    one-line errors, before any work."""
     import kernels
+    from nla import switches
     try:
         kernels.check_env()
     except ValueError as e:
         raise NLAError(str(e)) from None
+    switches.check()
 
 
 def _command(name: str, cfg_cls, run, doc: str):

@@ -121,7 +121,7 @@ def packed_gqa_attention(module, query, key, value, attention_mask, dropout=0.0,
 def packed_gqa(model):
     """Decode with packed_gqa_attention where the model runs SDPA (its masks stay SDPA's);
     NLA_PACKED_GQA=0 keeps Hugging Face's path (for a comparison)."""
-    off = switches.forced("NLA_PACKED_GQA") is False  # read first: a bad value is an error everywhere
+    off = switches.forced("NLA_PACKED_GQA") is False
     if off or getattr(model.config, "_attn_implementation", None) != "sdpa":
         return contextlib.nullcontext()
     return attention_as(model, PACKED, lambda *a, **k: packed_gqa_attention(*a, **k))

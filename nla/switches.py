@@ -6,12 +6,23 @@ import os
 
 from .errors import NLAError
 
+NAMES = ("NLA_CUDA_GRAPH", "NLA_COMPILE_DECODE", "NLA_MERGE_SAMPLING", "NLA_PACKED_GQA", "NLA_FUSED_SAMPLING",
+         "NLA_REF_IN_ROLLOUT", "NLA_COMMON_LEVEL")
+
 
 def forced(name: str) -> bool | None:
-    """True where the variable is 1, False where 0, None where unset or empty (the default stands)."""
+    """True where the variable is 1, False where 0, None where unset or empty (the default stands).
+    Callers read it before any early return, so a bad value fails on every machine, not only on
+    the one where the switch would matter."""
     v = os.environ.get(name, "").strip()
     if v == "":
         return None
     if v not in ("0", "1"):
         raise NLAError(f"{name} must be 0 or 1 (or unset for the default), got {v!r}")
     return v == "1"
+
+
+def check() -> None:
+    """Every switch, read once: the CLI calls this before any work, so a typo costs no run."""
+    for name in NAMES:
+        forced(name)

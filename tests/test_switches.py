@@ -22,6 +22,10 @@ READERS = {
 }
 
 
+def test_every_switch_has_a_reader_here():
+    assert sorted(READERS) == sorted(switches.NAMES)
+
+
 def test_forced_reads_zero_one_and_unset(monkeypatch):
     monkeypatch.delenv("NLA_X", raising=False)
     assert switches.forced("NLA_X") is None
@@ -37,3 +41,4 @@ def test_a_mistyped_switch_is_an_error_where_it_is_read(monkeypatch, name):
         READERS[name]()
     monkeypatch.setenv(name, "0")
     READERS[name]()  # a good value reads without complaint
+
