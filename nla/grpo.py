@@ -16,7 +16,6 @@ block).
 """
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -25,7 +24,6 @@ from torch.profiler import record_function  # named phases in a profile (bench/c
 import kernels
 
 from . import decoding, dist, lora, switches
-from .errors import NLAError
 from .reconstructor import Prefix, reconstruct
 from .reward import mse, score
 from .verbalizer import Prompts, generate, response_logprobs
@@ -66,12 +64,10 @@ def pass_rows(base, rows: int, G: int = 1) -> int:
     compiled. Only where the kernel is asked for (NLA_KERNELS=triton): on an H200 it was slower
     than bitsandbytes (bench/RESULTS.md), so by default a 4-bit rollout is one bitsandbytes pass.
     NLA_ROLLOUT_ROWS=N caps the rows per pass (0: one pass)."""
-    forced = os.environ.get("NLA_ROLLOUT_ROWS", "")
-    if forced and not forced.isdigit():
-        raise NLAError(f"NLA_ROLLOUT_ROWS must be a number of rows (0: one pass), got {forced!r}")
+    forced = switches.rows()
     model, cap = base.model, kernels.nf4.MAX_ROWS // 2
-    if forced:
-        cap = int(forced)
+    if forced is not None:
+        cap = forced
     elif not (base.device.type == "cuda" and any(decoding._quantised(m) for m in model.modules())
               and decoding._all_nf4_kernel(model, 2 * cap, model.get_input_embeddings().weight.dtype)):
         return rows

@@ -1,5 +1,6 @@
 """The NLA_* overrides that force a default choice one way or the other (0: off, 1: on), read in
-one place so that a mistyped value is a one-line error rather than a silently kept default."""
+one place so that a mistyped value is a one-line error rather than a silently kept default (and
+NLA_ROLLOUT_ROWS, a count, beside them)."""
 from __future__ import annotations
 
 import os
@@ -22,7 +23,16 @@ def forced(name: str) -> bool | None:
     return v == "1"
 
 
+def rows() -> int | None:
+    """NLA_ROLLOUT_ROWS, the rows per rollout pass (grpo.pass_rows; 0: one pass), or None where unset."""
+    v = os.environ.get("NLA_ROLLOUT_ROWS", "").strip()
+    if v and not v.isdigit():
+        raise NLAError(f"NLA_ROLLOUT_ROWS must be a number of rows (0: one pass), got {v!r}")
+    return int(v) if v else None
+
+
 def check() -> None:
     """Every switch, read once: the CLI calls this before any work, so a typo costs no run."""
     for name in NAMES:
         forced(name)
+    rows()

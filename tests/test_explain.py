@@ -70,7 +70,8 @@ def one_line_error(r, *needles):
     return errors[0]
 
 
-@pytest.mark.parametrize("var,value", [("NLA_KERNELS", "cuda"), ("NLA_NF4_TABLE", "nibbles"), ("NLA_COMMON_LEVEL", "on")])
+@pytest.mark.parametrize("var,value", [("NLA_KERNELS", "cuda"), ("NLA_NF4_TABLE", "nibbles"), ("NLA_COMMON_LEVEL", "on"),
+                                       ("NLA_ROLLOUT_ROWS", "all")])
 def test_a_bad_switch_is_one_line_before_any_work(monkeypatch, var, value):
     monkeypatch.setenv(var, value)
     one_line_error(cli("explain", "x", "--checkpoint", "missing"), var, value)
