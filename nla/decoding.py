@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import os
 import warnings
 from collections import OrderedDict
 
@@ -189,9 +188,8 @@ class Decoder:
         decs = model.__dict__.setdefault("_nla_decoders", OrderedDict())
         dtype = model.get_input_embeddings().weight.dtype
         dev = model.get_input_embeddings().weight.device
-        key = (n, max_len, role, dtype, _graphs_wanted(dev), os.environ.get("NLA_COMPILE_DECODE", ""),
-               os.environ.get("NLA_MERGE_SAMPLING", ""), os.environ.get("NLA_PACKED_GQA", ""),
-               os.environ.get("NLA_FUSED_SAMPLING", ""))
+        key = (n, max_len, role, dtype, _graphs_wanted(dev),
+               *map(switches.forced, ("NLA_COMPILE_DECODE", "NLA_MERGE_SAMPLING", "NLA_PACKED_GQA", "NLA_FUSED_SAMPLING")))
         if key in decs:
             decs.move_to_end(key)
         else:
