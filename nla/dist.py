@@ -6,6 +6,7 @@ make exactly the update one process would make on the whole batch.
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 
 import torch
@@ -14,6 +15,8 @@ import torch.distributed as dist
 
 def init() -> tuple[int, int]:
     if "RANK" in os.environ and not dist.is_initialized():
+        # a rank that aborts inside gloo or NCCL leaves no Python error; this prints its stacks
+        faulthandler.enable()
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
         if torch.cuda.is_available():
