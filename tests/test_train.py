@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -143,7 +144,6 @@ def test_two_process_gloo_equals_one_process(tiny_path, tmp_path):
         # CI saw this once (2026-11-27) in ~100+ clean runs here: a rank's C++ side aborts, with no
         # Python error. Not our numerics (those fail the same way every time), so one retry, said
         # out loud in the warnings summary with the stacks faulthandler printed (dist.init).
-        import warnings
         warnings.warn(f"a gloo rank aborted; retrying once. Its stderr ended:\n{two.stderr[-4000:]}")
         two = _torchrun(script, tiny_path, tmp_path / "two.pt", env)
     assert two.returncode == 0, two.stderr[-3000:]
