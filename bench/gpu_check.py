@@ -80,7 +80,7 @@ STAGES = [
     # (the decode step not compiled: the profile is of the update, and a 7B compile takes ~66 s)
     ("memory-profile", 150, f"env NLA_COMPILE_DECODE=0 {PY} bench/memory.py --steps 2 --plans ckpt:16 --profile",
      r"RL step|decode step|step \d|profile of|^prof |^phase"),
-    # which nf4 tile, pipeline depth and split-K target the H200 likes (the tiles were chosen by
+    # which nf4 tile, pipeline depth and code table the H200 likes (the tiles were chosen by
     # instruction counts, which did not predict its speed; all of them kept ~1 program per SM)
     ("nf4-sweep", 120, f"{PY} bench/kernels.py --only nf4-sweep", r"best|copy bandwidth"),
     # does bitsandbytes' 4-bit decode step pay for a compile (not by default: its ops were not

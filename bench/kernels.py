@@ -14,7 +14,7 @@ peak memory than the chunked torch path.
 
 nf4: a decode step's projections with a 4-bit base, bitsandbytes against kernels.nf4 (the nf4 bytes
 read per ms against the copy bandwidth), beside a bf16 GEMM of the same shape. nf4-sweep (on
-request): the kernel's tiles, stages and split-K target by device time, the best against bitsandbytes.
+request): the kernel's tiles and stages with each code table by device time, the best against bitsandbytes.
 nf4, sample and attention are timed as a decode step runs them, replayed in a CUDA graph (device
 time; the last column says "eager" where a call could not be captured).
 sample: a decode step's draw of the next token of every row (torch.multinomial's softmax,
@@ -222,14 +222,16 @@ def bench_nf4(rows, dev):
 # the current tiles were chosen by instruction counts, which did not predict the H200's speed)
 NF4_SWEEP = {64: [(128, 64, 8, 2), (32, 128, 8, 2), (32, 128, 8, 3), (32, 128, 8, 4), (64, 128, 8, 2), (64, 128, 8, 3)],
              128: [(128, 64, 8, 2), (32, 128, 8, 3), (32, 128, 8, 4)]}
+NF4_TABLES = ("pairs", "codes")  # kernels.nf4.table: the gathers are the first suspect for its slowness, so
+# each tile runs with both (rather than with a second split-K target, a smaller question)
 
 
 def bench_nf4_sweep(dev):
-    """The nf4 kernel's tile, pipeline stages and split-K target by device time (each beside
+    """The nf4 kernel's tile and pipeline stages with each code table by device time (each beside
     bitsandbytes), for the two largest 7B projections at a rollout's 64 rows and 128 with twins."""
     import kernels.nf4 as nf4
-    print("\nnf4 tile sweep (Qwen2.5-7B, device time in a CUDA graph): tile, stages, split-K target")
-    saved = (dict(nf4.TILES), nf4.STAGES, nf4.PROGRAMS)
+    print("\nnf4 tile sweep (Qwen2.5-7B, device time in a CUDA graph): tile, stages, code table")
+    saved = (dict(nf4.TILES), nf4.STAGES, os.environ.get("NLA_NF4_TABLE"))
     try:
         for name, N, K in (("gate/up", 18944, 3584), ("down", 3584, 18944)):
             q, p, gb = _nf4_layer(N, K, dev)
@@ -239,16 +241,17 @@ def bench_nf4_sweep(dev):
                     t_ms, _ = graph_ms(lambda: q(x))
                     best = None
                     for bn, bk, warps, stages in tiles:
-                        for programs in (264, 528):
-                            nf4.TILES[m], nf4.STAGES, nf4.PROGRAMS = (bn, bk, warps), stages, programs
+                        for table in NF4_TABLES:
+                            nf4.TILES[m], nf4.STAGES = (bn, bk, warps), stages
+                            os.environ["NLA_NF4_TABLE"] = table  # read when the op launches, i.e. at capture
                             try:
                                 k_ms, kg = graph_ms(lambda: kernels.nf4_linear_triton(x, *p))
                             except Exception as e:  # a tile this GPU cannot run (shared memory): say so, go on
-                                print(f"{name:8} {m:4d} rows  {bn}x{bk} w{warps} s{stages} p{programs}: {type(e).__name__}")
+                                print(f"{name:8} {m:4d} rows  {bn}x{bk} w{warps} s{stages} {table}: {type(e).__name__}")
                                 continue
                             if best is None or k_ms < best[0]:
-                                best = (k_ms, f"{bn}x{bk} w{warps} s{stages} p{programs}")
-                            print(f"{name:8} {m:4d} rows  {bn}x{bk} w{warps} s{stages} p{programs}: {k_ms:.3f} ms "
+                                best = (k_ms, f"{bn}x{bk} w{warps} s{stages} {table}")
+                            print(f"{name:8} {m:4d} rows  {bn}x{bk} w{warps} s{stages} {table}: {k_ms:.3f} ms "
                                   f"({t_ms / k_ms:.2f}x bnb {t_ms:.3f}), {gb / k_ms / 1e6:.0f} GB/s  {_how(kg)}", flush=True)
                 if best:
                     print(f"{name:8} {m:4d} rows  best {best[1]}: {t_ms / best[0]:.2f}x bitsandbytes", flush=True)
@@ -257,7 +260,10 @@ def bench_nf4_sweep(dev):
     finally:
         nf4.TILES.clear()
         nf4.TILES.update(saved[0])
-        nf4.STAGES, nf4.PROGRAMS = saved[1], saved[2]
+        nf4.STAGES = saved[1]
+        os.environ.pop("NLA_NF4_TABLE", None)
+        if saved[2] is not None:
+            os.environ["NLA_NF4_TABLE"] = saved[2]
 
 
 def bench_sample(shapes, dev):

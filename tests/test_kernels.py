@@ -6,6 +6,7 @@ block), strided inputs, bf16 and fp32; outputs start as NaN (NLA_KERNELS_POISON)
 kernel never wrote fails. The same tests run on the GPU, which adds realistic log-prob shapes and
 tensors past 2^31 elements (tests marked gpu: too big or too slow for the interpreter).
 """
+import itertools
 import os
 import subprocess
 import sys
@@ -384,9 +385,9 @@ def test_nf4_linear_with_the_code_table(monkeypatch, M, N, K):
 
 @needs_triton
 def test_nf4_sweep_tiles_give_the_references_products(monkeypatch):
-    """Every tile, pipeline depth and split-K target `bench/kernels.py --only nf4-sweep` times on a
-    GPU computes the same products (a wrong one would waste a lent GPU's minutes)."""
-    from bench.kernels import NF4_SWEEP
+    """Every tile, pipeline depth and code table `bench/kernels.py --only nf4-sweep` times on a GPU
+    computes the same products (a wrong one would waste a lent GPU's minutes), split or not."""
+    from bench.kernels import NF4_SWEEP, NF4_TABLES
     import kernels.nf4 as nf4
     dtype = NF4_DTYPES[-1]
     q = _nf4_linear(128, 512, True, dtype, DEV, seed=1)
@@ -394,7 +395,8 @@ def test_nf4_sweep_tiles_give_the_references_products(monkeypatch):
     for m, tiles in NF4_SWEEP.items():
         x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m)).to(DEV, dtype)
         want = kernels.nf4_linear_torch(x, *p)
-        for bn, bk, warps, stages in tiles:
+        for (bn, bk, warps, stages), table in itertools.product(tiles, NF4_TABLES):
+            monkeypatch.setenv("NLA_NF4_TABLE", table)
             for programs in (1, 264):
                 monkeypatch.setitem(nf4.TILES, m, (bn, bk, warps))
                 monkeypatch.setattr(nf4, "STAGES", stages)
