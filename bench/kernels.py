@@ -28,6 +28,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse
+import contextlib
 
 import torch
 
@@ -191,6 +192,20 @@ def _nf4_layer(N: int, K: int, dev):
     return q, p, N * K / 2 + N * K / p[5] * 4
 
 
+@contextlib.contextmanager
+def _nf4_table(table: str):
+    """kernels.nf4 reads NLA_NF4_TABLE when its op launches, i.e. at a graph's capture: set it
+    around one, then put back what was there."""
+    saved = os.environ.get("NLA_NF4_TABLE")
+    os.environ["NLA_NF4_TABLE"] = table
+    try:
+        yield
+    finally:
+        os.environ.pop("NLA_NF4_TABLE")
+        if saved is not None:
+            os.environ["NLA_NF4_TABLE"] = saved
+
+
 def bench_nf4(rows, dev):
     """A decode step's projections of a Qwen2.5-7B-shaped nf4 base: bitsandbytes' path (a bf16
     copy of the weight, then a GEMM), our kernel, and a plain bf16 GEMM (what a full-precision
@@ -207,9 +222,8 @@ def bench_nf4(rows, dev):
                 t_ms, tg = graph_ms(lambda: q(x))
                 k_ms, kg = graph_ms(lambda: kernels.nf4_linear_triton(x, *p))
                 g_ms, gg = graph_ms(lambda: torch.nn.functional.linear(x, w))
-                os.environ["NLA_NF4_TABLE"] = "codes"  # read when the op launches, i.e. at capture
-                c_ms, cg = graph_ms(lambda: kernels.nf4_linear_triton(x, *p))
-                os.environ.pop("NLA_NF4_TABLE")
+                with _nf4_table("codes"):
+                    c_ms, cg = graph_ms(lambda: kernels.nf4_linear_triton(x, *p))
             print(f"{name:16} {f'{m} x {N} x {K}':28} {t_ms:9.3f} {k_ms:9.3f} {t_ms / k_ms:7.2f}x  "
                   f"{gb / k_ms / 1e6:6.0f} GB/s ({gb / k_ms / 1e6 / PEAK:.0%} of copy), {g_ms:.3f}, {c_ms:.3f} "
                   f"({t_ms / c_ms:.2f}x bnb)  {_how(tg, kg, gg, cg)}")
@@ -218,8 +232,10 @@ def bench_nf4(rows, dev):
 
 
 # nf4 tiles to time (BLOCK_N, BLOCK_K, warps, stages) per row tile: the current one and those that
-# hold more bytes in flight per SM and spill nowhere on sm_90 under Triton 3.6 or 3.9 (bench/sass.py;
-# the current tiles were chosen by instruction counts, which did not predict the H200's speed)
+# hold more bytes in flight per SM and, with the pair table, spill nowhere on sm_90 under Triton 3.6
+# or 3.9 (bench/sass.py; with the codes table the 64x128 ones spill 16 bytes under 3.6: RESULTS,
+# 2026-11-27, seventh session). The current tiles were chosen by instruction counts, which did not
+# predict the H200's speed
 NF4_SWEEP = {64: [(128, 64, 8, 2), (32, 128, 8, 2), (32, 128, 8, 3), (32, 128, 8, 4), (64, 128, 8, 2), (64, 128, 8, 3)],
              128: [(128, 64, 8, 2), (32, 128, 8, 3), (32, 128, 8, 4)]}
 NF4_TABLES = ("pairs", "codes")  # kernels.nf4.table: the gathers are the first suspect for its slowness, so
@@ -231,7 +247,7 @@ def bench_nf4_sweep(dev):
     bitsandbytes), for the two largest 7B projections at a rollout's 64 rows and 128 with twins."""
     import kernels.nf4 as nf4
     print("\nnf4 tile sweep (Qwen2.5-7B, device time in a CUDA graph): tile, stages, code table")
-    saved = (dict(nf4.TILES), nf4.STAGES, os.environ.get("NLA_NF4_TABLE"))
+    saved = (dict(nf4.TILES), nf4.STAGES)
     try:
         for name, N, K in (("gate/up", 18944, 3584), ("down", 3584, 18944)):
             q, p, gb = _nf4_layer(N, K, dev)
@@ -243,9 +259,9 @@ def bench_nf4_sweep(dev):
                     for bn, bk, warps, stages in tiles:
                         for table in NF4_TABLES:
                             nf4.TILES[m], nf4.STAGES = (bn, bk, warps), stages
-                            os.environ["NLA_NF4_TABLE"] = table  # read when the op launches, i.e. at capture
                             try:
-                                k_ms, kg = graph_ms(lambda: kernels.nf4_linear_triton(x, *p))
+                                with _nf4_table(table):
+                                    k_ms, kg = graph_ms(lambda: kernels.nf4_linear_triton(x, *p))
                             except Exception as e:  # a tile this GPU cannot run (shared memory): say so, go on
                                 print(f"{name:8} {m:4d} rows  {bn}x{bk} w{warps} s{stages} {table}: {type(e).__name__}")
                                 continue
@@ -261,9 +277,6 @@ def bench_nf4_sweep(dev):
         nf4.TILES.clear()
         nf4.TILES.update(saved[0])
         nf4.STAGES = saved[1]
-        os.environ.pop("NLA_NF4_TABLE", None)
-        if saved[2] is not None:
-            os.environ["NLA_NF4_TABLE"] = saved[2]
 
 
 def bench_sample(shapes, dev):
