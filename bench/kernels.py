@@ -231,13 +231,15 @@ def bench_nf4(rows, dev):
         torch.cuda.empty_cache()
 
 
-# nf4 tiles to time (BLOCK_N, BLOCK_K, warps, stages) per row tile: the current one and those that
-# hold more bytes in flight per SM and, with the pair table, spill nowhere on sm_90 under Triton 3.6
-# or 3.9 (bench/sass.py; with the codes table the 64x128 ones spill 16 bytes under 3.6: RESULTS,
-# 2026-11-27, seventh session). The current tiles were chosen by instruction counts, which did not
-# predict the H200's speed
-NF4_SWEEP = {64: [(128, 64, 8, 2), (32, 128, 8, 2), (32, 128, 8, 3), (32, 128, 8, 4), (64, 128, 8, 2), (64, 128, 8, 3)],
-             128: [(128, 64, 8, 2), (32, 128, 8, 3), (32, 128, 8, 4)]}
+# nf4 tiles to time (BLOCK_N, BLOCK_K, warps, stages, maxnreg) per row tile. Every tile the kernel
+# has had so far held one 8-warp program an SM (177-255 registers on sm_90), so one program's chain
+# of waits (bytes, gathers, shared-memory store, barrier, MMA) idles the SM: the sweep asks whether
+# more programs an SM pay. Two programs come from 4-warp tiles or from capping registers at 128
+# (maxnreg, at the cost of a spill). What each compiles to for sm_90 under Triton 3.6: bench/
+# RESULTS.md, 2026-11-27, eighth session. Beside them, the default, a deeper pipeline and a wider K
+NF4_SWEEP = {64: [(128, 64, 8, 2, None), (128, 64, 8, 2, 128), (64, 64, 8, 2, 128), (64, 64, 4, 2, None),
+                  (64, 64, 4, 2, 128), (64, 128, 8, 2, None), (32, 128, 8, 3, None)],
+             128: [(128, 64, 8, 2, None), (128, 64, 8, 2, 128), (32, 128, 8, 3, None)]}
 NF4_TABLES = ("pairs", "codes")  # kernels.nf4.table: the gathers are the first suspect for its slowness, so
 # each tile runs with both (rather than with a second split-K target, a smaller question)
 
@@ -247,7 +249,7 @@ def bench_nf4_sweep(dev):
     bitsandbytes), for the two largest 7B projections at a rollout's 64 rows and 128 with twins."""
     import kernels.nf4 as nf4
     print("\nnf4 tile sweep (Qwen2.5-7B, device time in a CUDA graph): tile, stages, code table")
-    saved = (dict(nf4.TILES), nf4.STAGES)
+    saved = (dict(nf4.TILES), nf4.STAGES, nf4.MAXNREG)
     try:
         for name, N, K in (("gate/up", 18944, 3584), ("down", 3584, 18944)):
             q, p, gb = _nf4_layer(N, K, dev)
@@ -256,18 +258,19 @@ def bench_nf4_sweep(dev):
                 with torch.no_grad():
                     t_ms, _ = graph_ms(lambda: q(x))
                     best = None
-                    for bn, bk, warps, stages in tiles:
+                    for bn, bk, warps, stages, regs in tiles:
+                        tile = f"{bn}x{bk} w{warps} s{stages}" + (f" r{regs}" if regs else "")
                         for table in NF4_TABLES:
-                            nf4.TILES[m], nf4.STAGES = (bn, bk, warps), stages
+                            nf4.TILES[m], nf4.STAGES, nf4.MAXNREG = (bn, bk, warps), stages, regs
                             try:
                                 with _nf4_table(table):
                                     k_ms, kg = graph_ms(lambda: kernels.nf4_linear_triton(x, *p))
                             except Exception as e:  # a tile this GPU cannot run (shared memory): say so, go on
-                                print(f"{name:8} {m:4d} rows  {bn}x{bk} w{warps} s{stages} {table}: {type(e).__name__}")
+                                print(f"{name:8} {m:4d} rows  {tile} {table}: {type(e).__name__}")
                                 continue
                             if best is None or k_ms < best[0]:
-                                best = (k_ms, f"{bn}x{bk} w{warps} s{stages} {table}")
-                            print(f"{name:8} {m:4d} rows  {bn}x{bk} w{warps} s{stages} {table}: {k_ms:.3f} ms "
+                                best = (k_ms, f"{tile} {table}")
+                            print(f"{name:8} {m:4d} rows  {tile} {table}: {k_ms:.3f} ms "
                                   f"({t_ms / k_ms:.2f}x bnb {t_ms:.3f}), {gb / k_ms / 1e6:.0f} GB/s  {_how(kg)}", flush=True)
                 if best:
                     print(f"{name:8} {m:4d} rows  best {best[1]}: {t_ms / best[0]:.2f}x bitsandbytes", flush=True)
@@ -276,7 +279,7 @@ def bench_nf4_sweep(dev):
     finally:
         nf4.TILES.clear()
         nf4.TILES.update(saved[0])
-        nf4.STAGES = saved[1]
+        nf4.STAGES, nf4.MAXNREG = saved[1:]
 
 
 def bench_sample(shapes, dev):

@@ -15,11 +15,13 @@ then compiled for each target), and the machine code read back:
              A count, not a speed: on an H200 the kernel ran ~10x below what these counts
              predicted (bench/RESULTS.md, 2026-11-27), so a spill is a bug, and the rest a hint
 
-    python bench/sass.py [--arch 80,89,90] [--sweep]
+    python bench/sass.py [--arch 80,89,90] [--sweep] [--nf4-sweep]
 
 --sweep compiles the nf4 kernel's candidate tiles (sizes and warps) for each row tile it uses, and
 one row tile for 2 x MAX_ROWS: the table kernels/nf4.py's TILES came from. --check exits 1 on a
-spill or more than 99 KB; tests/test_kernels.py runs it for sm_80 and sm_90.
+spill or more than 99 KB; tests/test_kernels.py runs it for sm_80 and sm_90. --nf4-sweep compiles
+the tiles `bench/kernels.py --only nf4-sweep` times on a GPU, with both code tables, and says how
+many programs an SM each holds.
 """
 import os
 import sys
@@ -119,7 +121,7 @@ def signature(fn, args, meta) -> tuple[dict, dict, dict]:
             sig[name] = "i64" if abs(v) >= 2 ** 31 else "i32"
         else:
             sig[name] = "fp32"
-    opts = {k: meta[k] for k in ("num_warps", "num_stages") if k in meta}
+    opts = {k: meta[k] for k in ("num_warps", "num_stages", "maxnreg") if k in meta}
     for name in fn.arg_names[len(args):]:
         sig[name], consts[name] = "constexpr", meta[name]
     return sig, consts, opts
@@ -167,7 +169,8 @@ def per_weight(consts: dict, opts: dict, loop: int) -> float:
 def describe(name, consts, opts) -> str:
     if name == "nf4":
         return (f"rows<={consts['BLOCK_M']} tile {consts['BLOCK_N']}x{consts['BLOCK_K']} "
-                f"w{opts.get('num_warps', 4)} s{opts.get('num_stages', 3)}" + ("" if consts.get("PAIRS", True) else " codes"))
+                f"w{opts.get('num_warps', 4)} s{opts.get('num_stages', 3)}" + (f" r{opts['maxnreg']}" if opts.get("maxnreg") else "")
+                + ("" if consts.get("PAIRS", True) else " codes"))
     blocks = " ".join(f"{k}={v}" for k, v in consts.items() if k.startswith("BLOCK"))
     return f"{blocks} w{opts.get('num_warps', 4)}" + (" split" if consts.get("SPLIT") else "")
 
@@ -175,7 +178,7 @@ def describe(name, consts, opts) -> str:
 def row(name, what, arch, s, consts, opts) -> str:
     flags = ("SPILL " if s["spill"] else "") + ("SMEM>99KB" if s["smem"] > SMEM_LIMIT else "")
     pw = f"{per_weight(consts, opts, s['loop']):6.1f}" if name == "nf4" and s["loop"] else f"{'':6}"
-    return (f"{name:18} {what:34} sm_{arch}  {s['regs']:4d} {s['spill']:6d} {s['smem'] / 1024:6.1f} "
+    return (f"{name:18} {what:38} sm_{arch}  {s['regs']:4d} {s['spill']:6d} {s['smem'] / 1024:6.1f} "
             f"{s['loop']:6d} {pw}  {flags}")
 
 
@@ -195,16 +198,52 @@ def sweep(arches) -> None:
                         print(row("nf4", describe("nf4", c, o), arch, s, c, o), flush=True)
 
 
+# per SM: registers, shared memory a block may use, warps (CUDA's occupancy tables)
+SM_LIMITS = {80: (65536, 163 * 1024, 64), 86: (65536, 99 * 1024, 48), 89: (65536, 99 * 1024, 48),
+             90: (65536, 227 * 1024, 64)}
+
+
+def programs_per_sm(s: dict, warps: int, arch: int) -> int:
+    """Programs an SM holds at once, by registers (allocated 8 at a time a thread), shared memory
+    (1 KB reserved a block) and warps."""
+    regs, smem, max_warps = SM_LIMITS[arch]
+    return min(regs // (-(-s["regs"] // 8) * 8 * 32 * warps), smem // (s["smem"] + 1024), max_warps // warps)
+
+
+def timed_sweep(arches) -> None:
+    """What each tile `bench/kernels.py --only nf4-sweep` times compiles to, with both code tables
+    (each from its own recorded launch: the tables differ in type), and how many programs an SM
+    holds: the sweep's question is whether more than one pays."""
+    from bench.kernels import NF4_SWEEP
+    rec = {}
+    for name, fn, args, meta in launches():
+        if name == "nf4":
+            sig, consts, _ = signature(fn, args, meta)
+            rec[consts["BLOCK_M"], consts["PAIRS"]] = fn, sig, consts
+    print(f"\nnf4-sweep tiles (bench/kernels.py), and programs an SM\n{'kernel':18} {'launch':38} {'arch':5} "
+          f"{'regs':>4} {'spill':>6} {'smem KB':>7} {'loop':>6} {'/elem':>6}  programs")
+    for m, tiles in NF4_SWEEP.items():
+        for bn, bk, warps, stages, regs in tiles:
+            for pairs in (True, False):
+                fn, sig, consts = rec[m, pairs]
+                c = dict(consts, BLOCK_N=bn, BLOCK_K=bk)
+                o = dict(num_warps=warps, num_stages=stages, **({"maxnreg": regs} if regs else {}))
+                for arch in arches:
+                    s = compile_stats(fn, sig, c, o, arch)
+                    print(row("nf4", describe("nf4", c, o), arch, s, c, o), programs_per_sm(s, warps, arch), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="80,89,90", help="compute capabilities, comma-separated")
     ap.add_argument("--sweep", action="store_true", help="also compile the nf4 kernel's candidate tiles")
+    ap.add_argument("--nf4-sweep", action="store_true", help="also compile the tiles bench/kernels.py's nf4-sweep times")
     ap.add_argument("--check", action="store_true", help="exit 1 if a launch spills or needs more than 99 KB")
     a = ap.parse_args()
     arches = [int(x) for x in a.arch.split(",")]
     import triton
     print(f"Triton {triton.__version__}, its bundled ptxas; no GPU used")
-    print(f"{'kernel':18} {'launch':34} {'arch':5} {'regs':>4} {'spill':>6} {'smem KB':>7} {'loop':>6} {'/elem':>6}")
+    print(f"{'kernel':18} {'launch':38} {'arch':5} {'regs':>4} {'spill':>6} {'smem KB':>7} {'loop':>6} {'/elem':>6}")
     seen, bad = set(), 0
     for name, fn, args, meta in launches():
         sig, consts, opts = signature(fn, args, meta)
@@ -219,6 +258,8 @@ def main():
     print(f"{len(seen)} launches x {len(arches)} targets: {bad} with a spill or over 99 KB of shared memory")
     if a.sweep:
         sweep(arches)
+    if a.nf4_sweep:
+        timed_sweep(arches)
     sys.exit(1 if a.check and bad else 0)
 
 

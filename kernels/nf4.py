@@ -136,30 +136,37 @@ def _k():
             # row tiles vary fastest: programs that read the same weight tile run together, and the
             # second read comes from L2
             pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-            rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-            rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # int64: N*K passes 2^31 at 7B+
+            # a tile's corner in int64 (scalars, so no product of sizes can overflow), the offsets
+            # within it in int32 (below 128 rows x a row's length): int64 offsets per element cost
+            # ~30 more registers a thread, and registers are what hold this kernel to one program
+            # an SM (bench/RESULTS.md)
+            m0, n0, k0 = pid_m * BLOCK_M, pid_n * BLOCK_N, pid_s * k_split
+            X += m0.to(tl.int64) * s_xm + k0.to(tl.int64) * s_xk
+            P += n0.to(tl.int64) * (K // 2) + k0 // 2
+            A += n0.to(tl.int64) * (K // BS) + k0 // BS
+            OUT += (pid_s.to(tl.int64) * M + m0) * N + n0
+            rm = tl.arange(0, BLOCK_M)
+            rn = tl.arange(0, BLOCK_N)
             if not EVEN_N:
-                rn = tl.minimum(rn, N - 1)  # ragged N: the last tile reads a real row twice, stores once
-            mm = rm < M
+                rn = tl.minimum(rn, N - 1 - n0)  # ragged N: the last tile reads a real row twice, stores once
+            mm = rm < M - m0
             HB: tl.constexpr = BLOCK_K // 2  # bytes per row of a tile: element 2i is byte i's high nibble
             j = tl.arange(0, HB)
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # out^T: the weight is the left operand
-            k0 = pid_s * k_split
             for kk in range(0, k_split, BLOCK_K):
-                xp = X + rm[None, :] * s_xm + (k0 + kk + 2 * j)[:, None] * s_xk
+                xp = X + rm[None, :] * s_xm + (kk + 2 * j)[:, None] * s_xk
                 xe = tl.load(xp, mask=mm[None, :], other=0.0)  # [HB, BLOCK_M]: even elements of K
                 xo = tl.load(xp + s_xk, mask=mm[None, :], other=0.0)  # odd ones
-                byte = tl.load(P + rn[:, None] * (K // 2) + ((k0 + kk) // 2 + j)[None, :])
-                ra = (k0 + kk) // BS + tl.arange(0, BLOCK_K // BS)
+                byte = tl.load(P + rn[:, None] * (K // 2) + (kk // 2 + j)[None, :])
+                ra = kk // BS + tl.arange(0, BLOCK_K // BS)
                 a = tl.load(A + rn[:, None] * (K // BS) + ra[None, :])[:, :, None]
                 if PAIRS:
                     pair = tl.load(T + byte.to(tl.int32))  # both codes of the byte, in one read
                     ch = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
                     cl = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
                 else:  # each nibble's code from the 16 (one cache line)
-                    b = byte.to(tl.int32)
-                    ch = tl.load(T + (b >> 4))
-                    cl = tl.load(T + (b & 15))
+                    ch = tl.load(T + (byte >> 4))  # on the bytes: with an int32 copy, sm_80 spills (3.9)
+                    cl = tl.load(T + (byte & 15))
                 # scaled in fp32 and rounded once to the compute dtype, as bitsandbytes dequantises
                 wh = (ch.reshape(BLOCK_N, BLOCK_K // BS, BS // 2) * a).reshape(BLOCK_N, HB).to(xe.dtype)
                 wl = (cl.reshape(BLOCK_N, BLOCK_K // BS, BS // 2) * a).reshape(BLOCK_N, HB).to(xe.dtype)
@@ -169,8 +176,8 @@ def _k():
                 else:
                     acc = tl.dot(wh, xe, acc)
                     acc = tl.dot(wl, xo, acc)
-            rs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            tl.store(OUT + pid_s * M * N + rm[None, :] * N + rs[:, None], acc, mask=mm[None, :] & (rs < N)[:, None])
+            rs = tl.arange(0, BLOCK_N)
+            tl.store(OUT + rm[None, :] * N + rs[:, None], acc, mask=mm[None, :] & (rs < N - n0)[:, None])
 
         _K = kernel
     return _K
@@ -195,6 +202,8 @@ def _splits(K: int, block_k: int, tiles: int) -> int:
 # two pipeline stages. At 128 rows every candidate spills on sm_80/89 under 3.6 (not under 3.9)
 TILES = {16: (128, 64, 4), 32: (128, 64, 8), 64: (128, 64, 8), 128: (128, 64, 8)}
 STAGES = 2
+MAXNREG = None  # registers a thread may hold (ptxas' maxnreg); None: as many as ptxas wants (177-255
+# on sm_90, so one 8-warp program an SM). The nf4-sweep bench tries 128: two programs, a small spill
 
 
 def _plan(M: int, N: int, K: int, blocksize: int) -> tuple[int, int, int, int, int, int]:
@@ -243,7 +252,8 @@ def nf4_partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pa
         _k()[(m_tiles, -(-N // BLOCK_N), S)](
             x, packed, absmax, pairs if pair_table else _codes(pairs), part, M, N, K, K // S, *x.stride(),
             BS=blocksize, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, EVEN_N=N % BLOCK_N == 0,
-            IEEE=x.dtype == torch.float32, PAIRS=pair_table, num_warps=warps, num_stages=STAGES)
+            IEEE=x.dtype == torch.float32, PAIRS=pair_table, num_warps=warps, num_stages=STAGES,
+            **({"maxnreg": MAXNREG} if MAXNREG else {}))
     return part
 
 

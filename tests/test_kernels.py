@@ -349,7 +349,8 @@ NF4_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [
 @needs_triton
 @pytest.mark.parametrize("dtype", NF4_DTYPES)
 @pytest.mark.parametrize("M,N,K", [(1, 80, 128), (5, 33, 192), (17, 96, 256), (64, 70, 384), (100, 40, 128),
-                                   (3, 128, 256), (40, 256, 384)])  # every row tile; N ragged and whole
+                                   (3, 128, 256), (40, 256, 384), (200, 200, 128)])  # every row tile, and two
+# (past MAX_ROWS: the kernel is asked directly); N ragged and whole, one tile and two
 def test_nf4_linear(dtype, M, N, K):
     q = _nf4_linear(N, K, True, dtype, DEV, seed=M)
     p = kernels.nf4_prepare(q)
@@ -395,11 +396,12 @@ def test_nf4_sweep_tiles_give_the_references_products(monkeypatch):
     for m, tiles in NF4_SWEEP.items():
         x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m)).to(DEV, dtype)
         want = kernels.nf4_linear_torch(x, *p)
-        for (bn, bk, warps, stages), table in itertools.product(tiles, NF4_TABLES):
+        for (bn, bk, warps, stages, regs), table in itertools.product(tiles, NF4_TABLES):
             monkeypatch.setenv("NLA_NF4_TABLE", table)
             for programs in (1, 264):
                 monkeypatch.setitem(nf4.TILES, m, (bn, bk, warps))
                 monkeypatch.setattr(nf4, "STAGES", stages)
+                monkeypatch.setattr(nf4, "MAXNREG", regs)  # a compile option (the interpreter ignores it)
                 monkeypatch.setattr(nf4, "PROGRAMS", programs)
                 assert nf4._plan(m, 128, 512, 64)[1:3] == (bn, bk)
                 with torch.no_grad():
