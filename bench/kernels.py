@@ -14,7 +14,8 @@ peak memory than the chunked torch path.
 
 nf4: a decode step's projections with a 4-bit base, bitsandbytes against kernels.nf4 (the nf4 bytes
 read per ms against the copy bandwidth), beside a bf16 GEMM of the same shape. nf4-sweep (on
-request): the kernel's tiles and stages with each code table by device time, the best against bitsandbytes.
+request): the kernel's tiles, stages and register caps with each code table by device time, the best
+against bitsandbytes.
 nf4, sample and attention are timed as a decode step runs them, replayed in a CUDA graph (device
 time; the last column says "eager" where a call could not be captured).
 sample: a decode step's draw of the next token of every row (torch.multinomial's softmax,
