@@ -233,7 +233,8 @@ def bench_nf4(rows, dev):
 
 
 # nf4 tiles to time (BLOCK_N, BLOCK_K, warps, stages, maxnreg) per row tile. Every tile the kernel
-# has had so far held one 8-warp program an SM (177-255 registers on sm_90), so one program's chain
+# has had so far held one 8-warp program an SM under Triton 3.6, the GPU machine's (177-255
+# registers on sm_90; 3.9's ptxas fits the 64-row one in 128, two programs), so one program's chain
 # of waits (bytes, gathers, shared-memory store, barrier, MMA) idles the SM: the sweep asks whether
 # more programs an SM pay. Two programs come from 4-warp tiles or from capping registers at 128
 # (maxnreg, at the cost of a spill). What each compiles to for sm_90 under Triton 3.6: bench/

@@ -169,8 +169,8 @@ def per_weight(consts: dict, opts: dict, loop: int) -> float:
 def describe(name, consts, opts) -> str:
     if name == "nf4":
         return (f"rows<={consts['BLOCK_M']} tile {consts['BLOCK_N']}x{consts['BLOCK_K']} "
-                f"w{opts.get('num_warps', 4)} s{opts.get('num_stages', 3)}" + (f" r{opts['maxnreg']}" if opts.get("maxnreg") else "")
-                + ("" if consts.get("PAIRS", True) else " codes"))
+                f"w{opts.get('num_warps', 4)} s{opts.get('num_stages', 3)}"
+                + (f" r{opts['maxnreg']}" if opts.get("maxnreg") else "") + ("" if consts.get("PAIRS", True) else " codes"))
     blocks = " ".join(f"{k}={v}" for k, v in consts.items() if k.startswith("BLOCK"))
     return f"{blocks} w{opts.get('num_warps', 4)}" + (" split" if consts.get("SPLIT") else "")
 

@@ -203,7 +203,7 @@ def _splits(K: int, block_k: int, tiles: int) -> int:
 TILES = {16: (128, 64, 4), 32: (128, 64, 8), 64: (128, 64, 8), 128: (128, 64, 8)}
 STAGES = 2
 MAXNREG = None  # registers a thread may hold (ptxas' maxnreg); None: as many as ptxas wants (177-255
-# on sm_90, so one 8-warp program an SM). The nf4-sweep bench tries 128: two programs, a small spill
+# on sm_90 under Triton 3.6: one 8-warp program an SM). The nf4-sweep bench tries 128: two, a spill
 
 
 def _plan(M: int, N: int, K: int, blocksize: int) -> tuple[int, int, int, int, int, int]:
