@@ -210,13 +210,13 @@ def programs_per_sm(s: dict, warps: int, arch: int) -> int:
     return min(regs // (-(-s["regs"] // 8) * 8 * 32 * warps), smem // (s["smem"] + 1024), max_warps // warps)
 
 
-def timed_sweep(arches) -> None:
+def timed_sweep(arches, calls) -> None:
     """What each tile `bench/kernels.py --only nf4-sweep` times compiles to, with both code tables
-    (each from its own recorded launch: the tables differ in type), and how many programs an SM
-    holds: the sweep's question is whether more than one pays."""
+    (each from its own recorded launch in `calls`: the tables differ in type), and how many
+    programs an SM holds: the sweep's question is whether more than one pays."""
     from bench.kernels import NF4_SWEEP
     rec = {}
-    for name, fn, args, meta in launches():
+    for name, fn, args, meta in calls:
         if name == "nf4":
             sig, consts, _ = signature(fn, args, meta)
             rec[consts["BLOCK_M"], consts["PAIRS"]] = fn, sig, consts
@@ -244,8 +244,8 @@ def main():
     import triton
     print(f"Triton {triton.__version__}, its bundled ptxas; no GPU used")
     print(f"{'kernel':18} {'launch':38} {'arch':5} {'regs':>4} {'spill':>6} {'smem KB':>7} {'loop':>6} {'/elem':>6}")
-    seen, bad = set(), 0
-    for name, fn, args, meta in launches():
+    seen, bad, calls = set(), 0, launches()
+    for name, fn, args, meta in calls:
         sig, consts, opts = signature(fn, args, meta)
         what = describe(name, consts, opts)
         if (name, what) in seen:
@@ -259,7 +259,7 @@ def main():
     if a.sweep:
         sweep(arches)
     if a.nf4_sweep:
-        timed_sweep(arches)
+        timed_sweep(arches, calls)
     sys.exit(1 if a.check and bad else 0)
 
 

@@ -68,8 +68,7 @@ def reconstruct(base, spec: NLASpec, head: ARHead, texts: list[str], role: str =
             h = SharedPrefix(base.model, record=False).forward(inner, input_ids=ids).last_hidden_state[:, P - 1:]
         else:
             rows = SharedPrefix(base.model, prefix.run.level, torch.zeros(n, dtype=torch.long, device=base.device),
-                                record=False)
-            h = torch.cat([prefix.run.outputs[0].expand(n, -1, -1), rows.forward(inner, input_ids=ids).last_hidden_state],
-                          1)
+                                record=False).forward(inner, input_ids=ids).last_hidden_state
+            h = torch.cat([prefix.run.outputs[0].expand(n, -1, -1), rows], 1)
     h_last = h[torch.arange(n, device=h.device), lens].float()  # the template's last token
     return head(h_last.to(head.weight.dtype))

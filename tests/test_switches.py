@@ -41,4 +41,3 @@ def test_a_mistyped_switch_is_an_error_where_it_is_read(monkeypatch, name):
         READERS[name]()
     monkeypatch.setenv(name, "0")
     READERS[name]()  # a good value reads without complaint
-
