@@ -232,18 +232,28 @@ def bench_nf4(rows, dev):
         torch.cuda.empty_cache()
 
 
-# nf4 tiles to time (BLOCK_N, BLOCK_K, warps, stages, maxnreg) per row tile. Every tile the kernel
-# has had so far held one 8-warp program an SM under Triton 3.6, the GPU machine's (177-255
-# registers on sm_90; 3.9's ptxas fits the 64-row one in 128, two programs), so one program's chain
-# of waits (bytes, gathers, shared-memory store, barrier, MMA) idles the SM: the sweep asks whether
-# more programs an SM pay. Two programs come from 4-warp tiles or from capping registers at 128
-# (maxnreg, at the cost of a spill). What each compiles to for sm_90 under Triton 3.6: bench/
-# RESULTS.md, 2026-11-27, eighth session. Beside them, the default, a deeper pipeline and a wider K
-NF4_SWEEP = {64: [(128, 64, 8, 2, None), (128, 64, 8, 2, 128), (64, 64, 8, 2, 128), (64, 64, 4, 2, None),
-                  (64, 64, 4, 2, 128), (64, 128, 8, 2, None), (32, 128, 8, 3, None)],
-             128: [(128, 64, 8, 2, None), (128, 64, 8, 2, 128), (32, 128, 8, 3, None)]}
+# nf4 tiles to time (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, maxnreg) at 64 rows (a rollout's)
+# and 128 (with its reference's twins), each first with the default plan. With the weight bytes
+# loaded an iteration ahead (the ninth session), the open questions: whether the pipeliner's next
+# stage (s3: the table lookups and scales two iterations ahead) pays; whether more programs an SM
+# do (4-warp tiles, or registers capped at 128: two programs, at the cost of a spill); and, at 128
+# rows, two 64-row tiles (the default: every weight dequantised twice, the second read from L2)
+# against one 128-row tile (which spills on sm_80, not on sm_90). What each compiles to for sm_90
+# under Triton 3.6: bench/RESULTS.md, ninth session (bench/sass.py --nf4-sweep)
+NF4_SWEEP = {64: [(64, 128, 64, 8, 2, None), (64, 128, 64, 8, 3, None), (64, 128, 64, 8, 2, 128),
+                  (64, 64, 64, 4, 2, None), (64, 64, 64, 4, 2, 128)],
+             128: [(64, 128, 64, 8, 2, None), (128, 128, 64, 8, 2, None), (128, 128, 64, 8, 3, None)]}
 NF4_TABLES = ("pairs", "codes")  # kernels.nf4.table: the gathers are the first suspect for its slowness, so
 # each tile runs with both (rather than with a second split-K target, a smaller question)
+
+
+def use_tile(bm: int, tile: tuple, tiles: dict) -> None:
+    """kernels.nf4.TILES with `tile` for `bm` rows, and bm the largest row tile: the plan takes the
+    largest tile a row count fits, so a 128-row tile serves 128 rows in one."""
+    import kernels.nf4 as nf4
+    nf4.TILES.clear()
+    nf4.TILES.update({m: t for m, t in tiles.items() if m < bm})
+    nf4.TILES[bm] = tile
 
 
 def bench_nf4_sweep(dev):
@@ -260,10 +270,11 @@ def bench_nf4_sweep(dev):
                 with torch.no_grad():
                     t_ms, _ = graph_ms(lambda: q(x))
                     best = None
-                    for bn, bk, warps, stages, regs in tiles:
-                        tile = f"{bn}x{bk} w{warps} s{stages}" + (f" r{regs}" if regs else "")
+                    for bm, bn, bk, warps, stages, regs in tiles:
+                        tile = f"{bm}x{bn}x{bk} w{warps} s{stages}" + (f" r{regs}" if regs else "")
                         for table in NF4_TABLES:
-                            nf4.TILES[m], nf4.STAGES, nf4.MAXNREG = (bn, bk, warps), stages, regs
+                            use_tile(bm, (bn, bk, warps), saved[0])
+                            nf4.STAGES, nf4.MAXNREG = stages, regs
                             try:
                                 with _nf4_table(table):
                                     k_ms, kg = graph_ms(lambda: kernels.nf4_linear_triton(x, *p))

@@ -18,8 +18,9 @@ then compiled for each target), and the machine code read back:
     python bench/sass.py [--arch 80,89,90] [--sweep] [--nf4-sweep]
 
 --sweep compiles the nf4 kernel's candidate tiles (sizes and warps) for each row tile it uses, and
-one row tile for 2 x MAX_ROWS: the table kernels/nf4.py's TILES came from. --check exits 1 on a
-spill or more than 99 KB; tests/test_kernels.py runs it for sm_80 and sm_90. --nf4-sweep compiles
+one row tile for MAX_ROWS: the table kernels/nf4.py's TILES came from. --check exits 1 on a spill,
+on more than 99 KB, or where the nf4 kernel uses its weight bytes in the iteration that loads them
+(`bytes_ahead`); tests/test_kernels.py runs it for sm_80 and sm_90. --nf4-sweep compiles
 the tiles `bench/kernels.py --only nf4-sweep` times on a GPU, with both code tables, and says how
 many programs an SM each holds.
 """
@@ -76,7 +77,7 @@ def launches(nf4_rows=(1, 32, 64, 128)) -> list[tuple]:
         bf = torch.bfloat16
         d, V, N, K = 3584, 152064, 18944, 3584
         table = os.environ.pop("NLA_NF4_TABLE", None)
-        for t, rows in (("pairs", nf4_rows), ("codes", nf4_rows[-2:])):  # the lookup experiment too
+        for t, rows in (("pairs", nf4_rows), ("codes", [r for r in nf4_rows if r > 16])):  # the lookup experiment too
             os.environ["NLA_NF4_TABLE"] = t
             for m in rows:
                 nf4.nf4_partials(torch.empty(m, K, dtype=bf), torch.empty(N * K // 2, dtype=torch.uint8),
@@ -147,7 +148,33 @@ def compile_stats(fn, sig: dict, consts: dict, opts: dict, arch: int) -> dict:
         dump = lambda flag: subprocess.run([_tool("cuobjdump"), flag, f.name], capture_output=True, text=True).stdout  # noqa: E731
         usage, sass = dump("--dump-resource-usage"), dump("-sass")
     return dict(regs=int(re.search(r"REG:(\d+)", usage).group(1)), spill=int(re.search(r"STACK:(\d+)", usage).group(1)),
-                smem=c.metadata.shared, loop=loop_length(sass))
+                smem=c.metadata.shared, loop=loop_length(sass), ahead=bytes_ahead(c.asm["ttgir"]))
+
+
+def bytes_ahead(ttgir: str) -> bool | None:
+    """Are the packed weight bytes (the nf4 kernel's i8 loads) in flight an iteration before they
+    are used: each such load in the main loop feeds only the loop's yield (or is an async copy)?
+    None where the loop loads no bytes. A load used where it is issued costs a whole memory latency
+    every iteration (bench/RESULTS.md, ninth session), and Triton's pipeliner does not prefetch one
+    whose values become addresses, so this is checked, not assumed."""
+    lines = ttgir.splitlines()
+    start = next((i for i, ln in enumerate(lines) if "scf.for" in ln), None)
+    if start is None:
+        return None
+    body, depth = [], 0
+    for ln in lines[start:]:
+        depth += ln.count("{") - ln.count("}")
+        if depth <= 0:
+            break
+        body.append(ln)
+    body = body[1:]
+    if any("async_copy_global_to_local" in ln and "!tt.ptr<i8>" in ln for ln in body):
+        return True
+    loads = [m.group(1) for ln in body for m in [re.match(r"\s*(%[\w.]+) = tt\.load .*!tt\.ptr<i8>", ln)] if m]
+    if not loads:
+        return None
+    used = lambda v, ln: re.search(re.escape(v) + r"(?![\w.])", ln) and not ln.lstrip().startswith(v + " =")  # noqa: E731
+    return all("scf.yield" in ln for v in loads for ln in body if used(v, ln))
 
 
 def loop_length(sass: str) -> int:
@@ -176,7 +203,8 @@ def describe(name, consts, opts) -> str:
 
 
 def row(name, what, arch, s, consts, opts) -> str:
-    flags = ("SPILL " if s["spill"] else "") + ("SMEM>99KB" if s["smem"] > SMEM_LIMIT else "")
+    flags = (("SPILL " if s["spill"] else "") + ("SMEM>99KB " if s["smem"] > SMEM_LIMIT else "")
+             + ("BYTES-NOT-AHEAD" if s["ahead"] is False else ""))
     pw = f"{per_weight(consts, opts, s['loop']):6.1f}" if name == "nf4" and s["loop"] else f"{'':6}"
     return (f"{name:18} {what:38} sm_{arch}  {s['regs']:4d} {s['spill']:6d} {s['smem'] / 1024:6.1f} "
             f"{s['loop']:6d} {pw}  {flags}")
@@ -187,7 +215,7 @@ def sweep(arches) -> None:
     _, fn, args, meta = next(c for c in launches(nf4_rows=(1,)) if c[0] == "nf4")
     sig, consts, _ = signature(fn, args, meta)
     print("\nnf4 candidates (the table TILES was chosen from: fewest /elem with no spill anywhere)")
-    for bm in sorted(nf4.TILES) + [2 * nf4.MAX_ROWS]:  # and the tile one more row would need
+    for bm in sorted(nf4.TILES) + [nf4.MAX_ROWS]:  # and one tile for the most rows it serves
         for bn in (64, 128):
             for bk in (64, 128):
                 for warps in (4, 8):
@@ -223,10 +251,10 @@ def timed_sweep(arches, calls) -> None:
     print(f"\nnf4-sweep tiles (bench/kernels.py), and programs an SM\n{'kernel':18} {'launch':38} {'arch':5} "
           f"{'regs':>4} {'spill':>6} {'smem KB':>7} {'loop':>6} {'/elem':>6}  programs")
     for m, tiles in NF4_SWEEP.items():
-        for bn, bk, warps, stages, regs in tiles:
+        for bm, bn, bk, warps, stages, regs in tiles:
             for pairs in (True, False):
-                fn, sig, consts = rec[m, pairs]
-                c = dict(consts, BLOCK_N=bn, BLOCK_K=bk)
+                fn, sig, consts = rec[min(bm, max(b for b, _ in rec)), pairs]  # a 128-row tile: the 64's launch
+                c = dict(consts, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
                 o = dict(num_warps=warps, num_stages=stages, **({"maxnreg": regs} if regs else {}))
                 for arch in arches:
                     s = compile_stats(fn, sig, c, o, arch)
@@ -238,7 +266,8 @@ def main():
     ap.add_argument("--arch", default="80,89,90", help="compute capabilities, comma-separated")
     ap.add_argument("--sweep", action="store_true", help="also compile the nf4 kernel's candidate tiles")
     ap.add_argument("--nf4-sweep", action="store_true", help="also compile the tiles bench/kernels.py's nf4-sweep times")
-    ap.add_argument("--check", action="store_true", help="exit 1 if a launch spills or needs more than 99 KB")
+    ap.add_argument("--check", action="store_true", help="exit 1 if a launch spills, needs more than 99 KB, or "
+                    "(nf4) uses its weight bytes in the iteration that loads them")
     a = ap.parse_args()
     arches = [int(x) for x in a.arch.split(",")]
     import triton
@@ -253,9 +282,10 @@ def main():
         seen.add((name, what))
         for arch in arches:
             s = compile_stats(fn, sig, consts, opts, arch)
-            bad += bool(s["spill"] or s["smem"] > SMEM_LIMIT)
+            bad += bool(s["spill"] or s["smem"] > SMEM_LIMIT or (name == "nf4" and not s["ahead"]))
             print(row(name, what, arch, s, consts, opts), flush=True)
-    print(f"{len(seen)} launches x {len(arches)} targets: {bad} with a spill or over 99 KB of shared memory")
+    print(f"{len(seen)} launches x {len(arches)} targets: {bad} with a spill, over 99 KB of shared memory, "
+          "or (nf4) weight bytes not loaded an iteration ahead")
     if a.sweep:
         sweep(arches)
     if a.nf4_sweep:

@@ -15,17 +15,20 @@ one gather per BYTE from a 256-entry table of code pairs (two fp32 codes in an i
 one per nibble with its shifts; the even and odd elements of K as two dots (the dot's sum does not
 care about order, so the nibbles are never interleaved back); the weight tile as the dot's left
 operand; no masks along K (whole blocks by construction) nor N (clamped loads where N is ragged);
-and one row tile for up to 128 rows, so each weight is dequantised once per step. On sm_90: 15-24
-instructions per weight before (47 at 128 rows, two row tiles), 8-13 now, and no register spill on
-sm_80/89/90 (the 64-row tile spilled 672-1,160 bytes).
+one row tile for up to 64 rows, so each weight is dequantised once per step (128 rows take two, the
+second read from L2: a 128-row tile spills). The next tile's bytes are loaded one iteration ahead,
+which Triton does not do for a load that feeds a table lookup. On sm_90: 15-24 instructions per
+weight before, 7-11 now, and no register spill on sm_80/89/90.
 
 **Off by default: it loses to bitsandbytes.** Timed on an H200 (2026-11-27, device time in a CUDA
 graph, Qwen2.5-7B shapes: bench/RESULTS.md), it reads 40-265 GB/s, 0.21-0.78x bitsandbytes'
 dequantise-then-GEMM at every decode size, where the instruction counts above predicted ~1.8 TB/s:
-those counts are not what bounds it (the per-byte table gathers are the first suspect: `table`
-has a one-cache-line variant for the next GPU run to time). So a 4-bit base samples through
-bitsandbytes (its decode step captured, not compiled), and this kernel runs only where
-NLA_KERNELS=triton asks for it: its tests, and work on making it pay.
+those counts are not what bounds it. What Triton compiled it to says what likely did: each
+iteration used the bytes it had just loaded, so every iteration waited a whole memory latency (now
+they are loaded an iteration ahead, not yet timed; the table gathers are the next suspect: `table`
+has a one-cache-line variant). So a 4-bit base samples through bitsandbytes (its decode step
+captured, not compiled), and this kernel runs only where NLA_KERNELS=triton asks for it: its tests,
+and work on making it pay.
 
 Format (bitsandbytes, quant_type nf4): W [N, K] flattened row-major; byte i holds elements 2i
 (high nibble) and 2i+1 (low nibble); element e is scaled by absmax[e // blocksize]. Double
@@ -40,9 +43,9 @@ import torch
 
 from .dispatch import backend, dot_supported, empty, forced, pow2
 
-MAX_ROWS = 128  # a decode batch, or one with its KL reference's rows (lora.side_by_side); above it
-# a step dequantises every weight once per row tile (no 256-row tile compiles without spilling:
-# bench/sass.py --sweep), which may lose to bitsandbytes' dequantise-once
+MAX_ROWS = 128  # a decode batch, or one with its KL reference's rows (lora.side_by_side): at most
+# two row tiles (TILES), so each weight is dequantised at most twice a step; more may lose to
+# bitsandbytes' dequantise-once
 
 
 def servable(module) -> bool:
@@ -153,13 +156,21 @@ def _k():
             HB: tl.constexpr = BLOCK_K // 2  # bytes per row of a tile: element 2i is byte i's high nibble
             j = tl.arange(0, HB)
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # out^T: the weight is the left operand
+            pb = P + rn[:, None] * (K // 2) + j[None, :]
+            byte = tl.load(pb)
             for kk in range(0, k_split, BLOCK_K):
+                # the next tile's bytes are loaded before this one's are used, so they are in flight
+                # while it is dequantised and multiplied. Loaded where they are used, they cost a
+                # whole memory latency every iteration, at one program an SM: Triton's pipeliner
+                # prefetches the scales and the table lookups but not a load whose values become
+                # addresses (bench/sass.py --check; bench/RESULTS.md, ninth session). The last
+                # iteration reloads its own tile: in bounds, unused
+                byte_next = tl.load(pb + tl.minimum(kk + BLOCK_K, k_split - BLOCK_K) // 2)
+                ra = kk // BS + tl.arange(0, BLOCK_K // BS)
+                a = tl.load(A + rn[:, None] * (K // BS) + ra[None, :])[:, :, None]
                 xp = X + rm[None, :] * s_xm + (kk + 2 * j)[:, None] * s_xk
                 xe = tl.load(xp, mask=mm[None, :], other=0.0)  # [HB, BLOCK_M]: even elements of K
                 xo = tl.load(xp + s_xk, mask=mm[None, :], other=0.0)  # odd ones
-                byte = tl.load(P + rn[:, None] * (K // 2) + (kk // 2 + j)[None, :])
-                ra = kk // BS + tl.arange(0, BLOCK_K // BS)
-                a = tl.load(A + rn[:, None] * (K // BS) + ra[None, :])[:, :, None]
                 if PAIRS:
                     pair = tl.load(T + byte.to(tl.int32))  # both codes of the byte, in one read
                     ch = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
@@ -176,6 +187,7 @@ def _k():
                 else:
                     acc = tl.dot(wh, xe, acc)
                     acc = tl.dot(wl, xo, acc)
+                byte = byte_next
             rs = tl.arange(0, BLOCK_N)
             tl.store(OUT + rm[None, :] * N + rs[:, None], acc, mask=mm[None, :] & (rs < N - n0)[:, None])
 
@@ -188,9 +200,10 @@ PROGRAMS = 264  # split-K aims at about this many programs: two waves on a 132-S
 
 def _splits(K: int, block_k: int, tiles: int) -> int:
     """Split K into equal parts (whole BLOCK_Ks) so that the programs number about PROGRAMS: a
-    decode batch has one row tile, so N alone gives too few. The split nearest the target by ratio,
-    not the first above it: each part writes an fp32 [M, N] partial, and at 7B's down projection
-    the first split above 264 programs would write as many partial bytes as the weight has."""
+    decode batch has one or two row tiles, so N alone gives too few. The split nearest the target
+    by ratio, not the first above it: each part writes an fp32 [M, N] partial, and at 7B's down
+    projection the first split above 264 programs would write as many partial bytes as the weight
+    has."""
     steps = K // block_k
     splits = [s for s in range(1, steps + 1) if steps % s == 0]
     return min(splits, key=lambda s: max(tiles * s / PROGRAMS, PROGRAMS / (tiles * s)))
@@ -199,8 +212,9 @@ def _splits(K: int, block_k: int, tiles: int) -> int:
 # (BLOCK_N, BLOCK_K, warps) per row tile, chosen by compiled SASS (bench/sass.py --sweep): the
 # fewest instructions per weight with no register spill on sm_80, sm_89 and sm_90 under Triton 3.6
 # (torch 2.11's) and 3.9 both, at most 49 KB of shared memory (consumer GPUs have 99 KB a block);
-# two pipeline stages. At 128 rows every candidate spills on sm_80/89 under 3.6 (not under 3.9)
-TILES = {16: (128, 64, 4), 32: (128, 64, 8), 64: (128, 64, 8), 128: (128, 64, 8)}
+# two pipeline stages. The largest is the most rows a tile takes: with the bytes prefetched, every
+# 128-row tile spills on sm_80 under 3.9 as well as 3.6, so 128 rows run as two 64-row tiles
+TILES = {16: (128, 64, 4), 32: (128, 64, 8), 64: (128, 64, 8)}
 STAGES = 2
 MAXNREG = None  # registers a thread may hold (ptxas' maxnreg); None: as many as ptxas wants (177-255
 # on sm_90 under Triton 3.6: one 8-warp program an SM). The nf4-sweep bench tries 128: two, a spill
@@ -208,7 +222,7 @@ MAXNREG = None  # registers a thread may hold (ptxas' maxnreg); None: as many as
 
 def _plan(M: int, N: int, K: int, blocksize: int) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps, split-K parts, row tiles) for an [M, K] x [N, K]^T product."""
-    BLOCK_M = min(128, pow2(M))
+    BLOCK_M = min(max(TILES), pow2(M))
     BLOCK_N, want_k, warps = TILES[BLOCK_M]
     BLOCK_K = max(blocksize, want_k) if K % max(blocksize, want_k) == 0 else blocksize
     n_tiles, m_tiles = -(-N // BLOCK_N), -(-M // BLOCK_M)
