@@ -36,8 +36,6 @@ import tempfile
 
 import torch
 
-TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64",
-         torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
 SMEM_LIMIT = 101376  # bytes a block may use on sm_86/sm_89 (99 KB)
 
 
@@ -110,22 +108,20 @@ def launches(nf4_rows=(1, 32, 64, 128)) -> list[tuple]:
     return calls
 
 
-def signature(fn, args, meta) -> tuple[dict, dict, dict]:
-    """Triton's (signature, constexprs, options) for one recorded launch."""
-    sig, consts = {}, {}
-    for name, v in zip(fn.arg_names, args):
-        if isinstance(v, torch.Tensor):
-            sig[name] = "*" + TYPES[v.dtype]
-        elif isinstance(v, bool):
-            sig[name] = "i1"
-        elif isinstance(v, int):
-            sig[name] = "i64" if abs(v) >= 2 ** 31 else "i32"
-        else:
-            sig[name] = "fp32"
-    opts = {k: meta[k] for k in ("num_warps", "num_stages", "maxnreg") if k in meta}
-    for name in fn.arg_names[len(args):]:
-        sig[name], consts[name] = "constexpr", meta[name]
-    return sig, consts, opts
+def bind(fn, args, meta, arch: int):
+    """(source, options, target) for one recorded launch, through Triton's own launch binder: the
+    same specialization a launch gets (integers equal to 1 become constants; integers divisible by
+    16 and 16-byte-aligned pointers are marked so, which is what lets loads vectorise and the
+    pipeliner turn them into async copies). Before the ninth session this tool built a bare
+    signature without those marks, and overstated registers and instructions (bench/RESULTS.md)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    bound, spec, options = create_function_from_signature(fn.signature, fn.params, backend)(*args, **meta)
+    options, signature, constexprs, attrs = fn._pack_args(backend, meta, bound, spec, options)
+    return ASTSource(fn, signature, constexprs, attrs), options.__dict__, target
 
 
 def _tool(name: str) -> str:
@@ -133,48 +129,52 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(nv.__file__), "bin", name)
 
 
-def compile_stats(fn, sig: dict, consts: dict, opts: dict, arch: int) -> dict:
-    """Compile for sm_<arch> with Triton's own ptxas; read registers, spills, shared memory and the
-    main loop back from the cubin."""
+def compile_stats(fn, args, meta: dict, arch: int) -> dict:
+    """Compile a launch for sm_<arch> with Triton's own ptxas; read registers, spills, shared memory
+    and the main loop back from the cubin, and which loads in the loop are late (late_loads)."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # what a launch uses (silences 3.9's notice)
-    c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
-                       options=opts)
+    src, options, target = bind(fn, args, meta, arch)
+    c = triton.compile(src, target=target, options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(c.asm["cubin"])
         f.flush()
         dump = lambda flag: subprocess.run([_tool("cuobjdump"), flag, f.name], capture_output=True, text=True).stdout  # noqa: E731
         usage, sass = dump("--dump-resource-usage"), dump("-sass")
     return dict(regs=int(re.search(r"REG:(\d+)", usage).group(1)), spill=int(re.search(r"STACK:(\d+)", usage).group(1)),
-                smem=c.metadata.shared, loop=loop_length(sass), ahead=bytes_ahead(c.asm["ttgir"]))
+                smem=c.metadata.shared, loop=loop_length(sass), late=late_loads(c.asm["ttgir"]))
 
 
-def bytes_ahead(ttgir: str) -> bool | None:
-    """Are the packed weight bytes (the nf4 kernel's i8 loads) in flight an iteration before they
-    are used: each such load in the main loop feeds only the loop's yield (or is an async copy)?
-    None where the loop loads no bytes. A load used where it is issued costs a whole memory latency
-    every iteration (bench/RESULTS.md, ninth session), and Triton's pipeliner does not prefetch one
-    whose values become addresses, so this is checked, not assumed."""
-    lines = ttgir.splitlines()
-    start = next((i for i, ln in enumerate(lines) if "scf.for" in ln), None)
-    if start is None:
-        return None
-    body, depth = [], 0
-    for ln in lines[start:]:
-        depth += ln.count("{") - ln.count("}")
-        if depth <= 0:
-            break
-        body.append(ln)
-    body = body[1:]
-    if any("async_copy_global_to_local" in ln and "!tt.ptr<i8>" in ln for ln in body):
-        return True
-    loads = [m.group(1) for ln in body for m in [re.match(r"\s*(%[\w.]+) = tt\.load .*!tt\.ptr<i8>", ln)] if m]
-    if not loads:
-        return None
-    used = lambda v, ln: re.search(re.escape(v) + r"(?![\w.])", ln) and not ln.lstrip().startswith(v + " =")  # noqa: E731
-    return all("scf.yield" in ln for v in loads for ln in body if used(v, ln))
+# loads that must be in flight before the iteration that uses them, by kernel: element types. A
+# load used where it is issued costs a whole memory latency every iteration, and with one or a
+# few programs an SM nothing covers it (bench/RESULTS.md, ninth session). The nf4 kernel's weight
+# bytes (Triton's pipeliner does not prefetch a load whose values become table addresses; its
+# activations are re-read from L2 and stay late) and decode attention's mask, keys and values
+AHEAD = {"nf4": {"i8"}, "decode_attention": {"i8", "bf16", "f16", "f32"}}
+
+
+def late_loads(ttgir: str) -> set[str]:
+    """Element types of the loads in a kernel's main loop (its longest) that are used in the
+    iteration that issues them: neither async copies (the pipeliner's prefetch) nor loads whose
+    only use is the loop's yield (a prefetch written into the kernel)."""
+    lines, body = ttgir.splitlines(), []
+    for start in (i for i, ln in enumerate(lines) if "scf.for" in ln):
+        loop, depth = [], 0
+        for ln in lines[start:]:
+            depth += ln.count("{") - ln.count("}")
+            if depth <= 0:
+                break
+            loop.append(ln)
+        body = max(body, loop[1:], key=len)
+    late = set()
+    for ln in body:
+        m = re.match(r"\s*(%[\w.]+) = tt\.load .*!tt\.ptr<(\w+)>", ln)
+        if m:
+            v = m.group(1)
+            uses = [u for u in body if re.search(re.escape(v) + r"(?![\w.])", u) and not u.lstrip().startswith(v + " =")]
+            if any("scf.yield" not in u for u in uses):
+                late.add(m.group(2))
+    return late
 
 
 def loop_length(sass: str) -> int:
@@ -188,42 +188,49 @@ def loop_length(sass: str) -> int:
     return best
 
 
-def per_weight(consts: dict, opts: dict, loop: int) -> float:
+def per_weight(meta: dict, loop: int) -> float:
     """nf4: issued instructions per weight of a tile (all threads' loop instructions / tile size)."""
-    return loop * opts.get("num_warps", 4) * 32 / (consts["BLOCK_N"] * consts["BLOCK_K"])
+    return loop * meta.get("num_warps", 4) * 32 / (meta["BLOCK_N"] * meta["BLOCK_K"])
 
 
-def describe(name, consts, opts) -> str:
+def describe(name, meta) -> str:
     if name == "nf4":
-        return (f"rows<={consts['BLOCK_M']} tile {consts['BLOCK_N']}x{consts['BLOCK_K']} "
-                f"w{opts.get('num_warps', 4)} s{opts.get('num_stages', 3)}"
-                + (f" r{opts['maxnreg']}" if opts.get("maxnreg") else "") + ("" if consts.get("PAIRS", True) else " codes"))
-    blocks = " ".join(f"{k}={v}" for k, v in consts.items() if k.startswith("BLOCK"))
-    return f"{blocks} w{opts.get('num_warps', 4)}" + (" split" if consts.get("SPLIT") else "")
+        return (f"rows<={meta['BLOCK_M']} tile {meta['BLOCK_N']}x{meta['BLOCK_K']} "
+                f"w{meta.get('num_warps', 4)} s{meta.get('num_stages', 3)}"
+                + (f" r{meta['maxnreg']}" if meta.get("maxnreg") else "") + ("" if meta.get("PAIRS", True) else " codes"))
+    blocks = " ".join(f"{k}={v}" for k, v in meta.items() if k.startswith("BLOCK"))
+    return f"{blocks} w{meta.get('num_warps', 4)}" + (" split" if meta.get("SPLIT") else "")
 
 
-def row(name, what, arch, s, consts, opts) -> str:
+def bad_loads(name, s) -> set[str]:
+    """The late loads (late_loads) that kernel `name` must have in flight early (AHEAD)."""
+    return s["late"] & AHEAD.get(name, set())
+
+
+def row(name, arch, s, meta) -> str:
     flags = (("SPILL " if s["spill"] else "") + ("SMEM>99KB " if s["smem"] > SMEM_LIMIT else "")
-             + ("BYTES-NOT-AHEAD" if s["ahead"] is False else ""))
-    pw = f"{per_weight(consts, opts, s['loop']):6.1f}" if name == "nf4" and s["loop"] else f"{'':6}"
-    return (f"{name:18} {what:38} sm_{arch}  {s['regs']:4d} {s['spill']:6d} {s['smem'] / 1024:6.1f} "
-            f"{s['loop']:6d} {pw}  {flags}")
+             + (f"LATE-{'/'.join(sorted(bad_loads(name, s)))} " if bad_loads(name, s) else ""))
+    pw = f"{per_weight(meta, s['loop']):6.1f}" if name == "nf4" and s["loop"] else f"{'':6}"
+    late = ",".join(sorted(s["late"])) or "-"
+    return (f"{name:24} {describe(name, meta):38} sm_{arch}  {s['regs']:4d} {s['spill']:6d} {s['smem'] / 1024:6.1f} "
+            f"{s['loop']:6d} {pw} {late:>9}  {flags}")
+
+
+HEADER = (f"{'kernel':24} {'launch':38} {'arch':5} {'regs':>4} {'spill':>6} {'smem KB':>7} {'loop':>6} {'/elem':>6} "
+          f"{'late':>9}")
 
 
 def sweep(arches) -> None:
     import kernels.nf4 as nf4
     _, fn, args, meta = next(c for c in launches(nf4_rows=(1,)) if c[0] == "nf4")
-    sig, consts, _ = signature(fn, args, meta)
-    print("\nnf4 candidates (the table TILES was chosen from: fewest /elem with no spill anywhere)")
+    print("\nnf4 candidates (the table TILES was chosen from: fewest /elem with no spill anywhere)\n" + HEADER)
     for bm in sorted(nf4.TILES) + [nf4.MAX_ROWS]:  # and one tile for the most rows it serves
         for bn in (64, 128):
             for bk in (64, 128):
                 for warps in (4, 8):
-                    c = dict(consts, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-                    o = dict(num_warps=warps, num_stages=nf4.STAGES)
+                    m = dict(meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=nf4.STAGES)
                     for arch in arches:
-                        s = compile_stats(fn, sig, c, o, arch)
-                        print(row("nf4", describe("nf4", c, o), arch, s, c, o), flush=True)
+                        print(row("nf4", arch, compile_stats(fn, args, m, arch), m), flush=True)
 
 
 # per SM: registers, shared memory a block may use, warps (CUDA's occupancy tables)
@@ -243,22 +250,18 @@ def timed_sweep(arches, calls) -> None:
     (each from its own recorded launch in `calls`: the tables differ in type), and how many
     programs an SM holds: the sweep's question is whether more than one pays."""
     from bench.kernels import NF4_SWEEP
-    rec = {}
-    for name, fn, args, meta in calls:
-        if name == "nf4":
-            sig, consts, _ = signature(fn, args, meta)
-            rec[consts["BLOCK_M"], consts["PAIRS"]] = fn, sig, consts
-    print(f"\nnf4-sweep tiles (bench/kernels.py), and programs an SM\n{'kernel':18} {'launch':38} {'arch':5} "
-          f"{'regs':>4} {'spill':>6} {'smem KB':>7} {'loop':>6} {'/elem':>6}  programs")
-    for m, tiles in NF4_SWEEP.items():
+    rec = {(meta["BLOCK_M"], meta["PAIRS"]): (fn, args, meta) for name, fn, args, meta in calls if name == "nf4"}
+    print(f"\nnf4-sweep tiles (bench/kernels.py), and programs an SM\n{HEADER}  programs")
+    for tiles in NF4_SWEEP.values():
         for bm, bn, bk, warps, stages, regs in tiles:
             for pairs in (True, False):
-                fn, sig, consts = rec[min(bm, max(b for b, _ in rec)), pairs]  # a 128-row tile: the 64's launch
-                c = dict(consts, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-                o = dict(num_warps=warps, num_stages=stages, **({"maxnreg": regs} if regs else {}))
+                fn, args, meta = rec[min(bm, max(b for b, _ in rec)), pairs]  # a 128-row tile: the 64's launch
+                m = dict(meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+                m.pop("maxnreg", None)
+                m.update({"maxnreg": regs} if regs else {})
                 for arch in arches:
-                    s = compile_stats(fn, sig, c, o, arch)
-                    print(row("nf4", describe("nf4", c, o), arch, s, c, o), programs_per_sm(s, warps, arch), flush=True)
+                    s = compile_stats(fn, args, m, arch)
+                    print(row("nf4", arch, s, m), programs_per_sm(s, warps, arch), flush=True)
 
 
 def main():
@@ -267,25 +270,23 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also compile the nf4 kernel's candidate tiles")
     ap.add_argument("--nf4-sweep", action="store_true", help="also compile the tiles bench/kernels.py's nf4-sweep times")
     ap.add_argument("--check", action="store_true", help="exit 1 if a launch spills, needs more than 99 KB, or "
-                    "(nf4) uses its weight bytes in the iteration that loads them")
+                    "uses a load that must be in flight early (AHEAD) in the iteration that issues it")
     a = ap.parse_args()
     arches = [int(x) for x in a.arch.split(",")]
     import triton
     print(f"Triton {triton.__version__}, its bundled ptxas; no GPU used")
-    print(f"{'kernel':18} {'launch':38} {'arch':5} {'regs':>4} {'spill':>6} {'smem KB':>7} {'loop':>6} {'/elem':>6}")
+    print(HEADER)
     seen, bad, calls = set(), 0, launches()
     for name, fn, args, meta in calls:
-        sig, consts, opts = signature(fn, args, meta)
-        what = describe(name, consts, opts)
-        if (name, what) in seen:
+        if (name, describe(name, meta)) in seen:
             continue
-        seen.add((name, what))
+        seen.add((name, describe(name, meta)))
         for arch in arches:
-            s = compile_stats(fn, sig, consts, opts, arch)
-            bad += bool(s["spill"] or s["smem"] > SMEM_LIMIT or (name == "nf4" and not s["ahead"]))
-            print(row(name, what, arch, s, consts, opts), flush=True)
+            s = compile_stats(fn, args, meta, arch)
+            bad += bool(s["spill"] or s["smem"] > SMEM_LIMIT or bad_loads(name, s))
+            print(row(name, arch, s, meta), flush=True)
     print(f"{len(seen)} launches x {len(arches)} targets: {bad} with a spill, over 99 KB of shared memory, "
-          "or (nf4) weight bytes not loaded an iteration ahead")
+          "or a load that must be in flight early used where it is issued (LATE)")
     if a.sweep:
         sweep(arches)
     if a.nf4_sweep:

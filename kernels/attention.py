@@ -3,9 +3,11 @@
 A decode step's cache is allocated for prompt + cap and masked beyond the current position; SDPA
 with that mask reads every slot of it, every step (at 7B with the KL reference's twins, 128 rows
 x 226 slots x 57 KB a token: 1.65 GB a step, a third of the weights' bytes). The Triton kernel
-reads the mask first, a block of positions at a time, and loads keys and values only for blocks
-with a position to attend to (and only those positions), so a step reads the cache up to where
-it is filled: on average two thirds of it over a 76-token prompt and 150 new tokens. One program
+reads the mask first and walks the cache only up to its last visible position, so a step reads
+the cache up to where it is filled: on average two thirds of it over a 76-token prompt and 150
+new tokens. Its loop has no branch, so Triton's pipeliner loads the next blocks' keys and values
+while one is used (until the ninth session a block without a visible position was skipped by a
+branch, which kept every load waiting where it was issued: bench/sass.py's LATE check). One program
 per (row, key/value head) holds that head's query heads as the rows of its tiles (grouped-query
 attention without copying keys or values per query head) with an online softmax in fp32, and
 writes the output in the [rows, 1, heads, dim] layout the attention module returns, so no
@@ -31,15 +33,15 @@ import torch
 
 from .dispatch import backend, dot_supported, empty, pow2, sm_count
 
-# cache positions per step of a program's loop, and warps: by bench/sass.py, 64 positions on 4 warps
-# spill under Triton 3.6 (torch 2.11's) on every GPU; 32 on 8 spill nowhere, under 3.6 or 3.9
+# cache positions per step of a program's loop, and warps. By bench/sass.py (with the launch's own
+# specialization, since the ninth session; the figures before it were overstated), 32 positions on
+# 8 warps take 67-80 registers and 37 KB of shared memory (three pipeline stages of keys and
+# values): three programs an SM on sm_80/90, no spill under Triton 3.6 or 3.9
 BLOCK_N, WARPS = 32, 8
 # programs to aim for by splitting the cache's positions: None is four per SM of the GPU (on an
 # H200's 132, the 7B shape with its twins, 128 rows x 4 heads, stays unsplit; the 1.5B shape splits
 # in 4), and no split on a CPU (the interpreter: tests set it to split). A split program runs 16
-# positions on 4 warps: with 32 on 8 (the unsplit tile) Triton 3.6 gives it 176 registers, one
-# program per SM, which would leave the SMs no busier than before the split; 16 on 4 has 156
-# (three per SM) and spills nowhere under 3.6 or 3.9 (bench/sass.py)
+# positions on 4 warps: 76-93 registers and 20.5 KB, four to six programs an SM
 PROGRAMS: int | None = None
 SPLIT_BLOCK_N, SPLIT_WARPS = 16, 4
 
@@ -97,11 +99,14 @@ def _decode_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         part = empty((splits, b, h, d), torch.float32, query.device)
         lse = empty((splits, b, h), torch.float32, query.device)
     partials, combine = _k()
-    partials[(b * kvh, splits)](query, key, value, mask, part, lse, S, kvh, chunk, float(scale),
+    # the mask as bytes: a bool load is converted where it is issued, which would make the loop
+    # wait for the next block's mask (the kernel compares the bytes a block later)
+    partials[(b * kvh, splits)](query, key, value, mask.view(torch.uint8), part, lse, S, kvh, chunk, float(scale),
                                 query.stride(0), query.stride(1), query.stride(3),
                                 *key.stride(), *value.stride(), mask.stride(0) if mask.shape[0] > 1 else 0,
                                 mask.stride(3), G=h // kvh, BLOCK_G=max(16, pow2(h // kvh)), BLOCK_N=block_n, D=d,
-                                IEEE=query.dtype == torch.float32, SPLIT=splits > 1, num_warps=warps)
+                                IEEE=query.dtype == torch.float32, SPLIT=splits > 1, BLOCK_C=min(1024, pow2(chunk)),
+                                num_warps=warps)
     if splits > 1:
         combine[(b * h,)](part, lse, out, b * h, splits, D=d, BLOCK_S=pow2(splits))
     return out
@@ -129,7 +134,7 @@ def _k():
         def partials(Q, K, V, MASK, OUT, LSE, S, KVH, CHUNK, scale, s_qb, s_qh, s_qd, s_kb, s_kh, s_ks, s_kd,
                      s_vb, s_vh, s_vs, s_vd, s_mb, s_ms,
                      G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                     IEEE: tl.constexpr, SPLIT: tl.constexpr):
+                     IEEE: tl.constexpr, SPLIT: tl.constexpr, BLOCK_C: tl.constexpr):
             pid, sp = tl.program_id(0), tl.program_id(1)
             b, h = (pid // KVH).to(tl.int64), (pid % KVH).to(tl.int64)
             rg, rd = tl.arange(0, BLOCK_G), tl.arange(0, D)
@@ -140,26 +145,46 @@ def _k():
             l = tl.zeros((BLOCK_G,), tl.float32)
             acc = tl.zeros((BLOCK_G, D), tl.float32)
             kb, vb = K + b * s_kb + h * s_kh, V + b * s_vb + h * s_vh
-            for n0 in range(sp * CHUNK, tl.minimum(S, sp * CHUNK + CHUNK), BLOCK_N):  # this split's positions
+            # this split's positions end after its last visible one: a cache is read only up to
+            # where it is filled, by a loop with no branch in it, so Triton's pipeliner can load the
+            # next blocks' mask, keys and values while this one is used (a data-dependent skip
+            # inside the loop kept them late: every block waited for its loads, bench/sass.py)
+            lo = sp * CHUNK
+            hi = tl.minimum(S, lo + CHUNK)
+            end = lo
+            for c0 in range(lo, hi, BLOCK_C):
+                rc = c0 + tl.arange(0, BLOCK_C)
+                seen = tl.load(MASK + b * s_mb + rc * s_ms, mask=rc < hi, other=0) != 0
+                end = tl.maximum(end, tl.max(tl.where(seen, rc + 1, lo), 0))
+            rn = lo + tl.arange(0, BLOCK_N)
+            okb = tl.load(MASK + b * s_mb + rn * s_ms, mask=rn < end, other=0)
+            for n0 in range(lo, end, BLOCK_N):
                 rn = n0 + tl.arange(0, BLOCK_N)
-                ok = tl.load(MASK + b * s_mb + rn * s_ms, mask=rn < S, other=0) != 0
-                if tl.max(ok.to(tl.int32), 0) > 0:  # a block past the filled part costs its mask only
-                    k = tl.load(kb + rn[:, None] * s_ks + rd[None, :] * s_kd, mask=ok[:, None], other=0.0)
-                    if IEEE:
-                        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-                    else:
-                        s = tl.dot(q, tl.trans(k))
-                    s = tl.where(ok[None, :], s * scale, -float("inf"))
-                    m_new = tl.maximum(m, tl.max(s, 1))  # finite: the block has a position to see
-                    alpha = tl.exp(m - m_new)
-                    p = tl.exp(s - m_new[:, None])
-                    l = l * alpha + tl.sum(p, 1)
-                    v = tl.load(vb + rn[:, None] * s_vs + rd[None, :] * s_vd, mask=ok[:, None], other=0.0)
-                    if IEEE:
-                        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-                    else:
-                        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                    m = m_new
+                inb = rn < end
+                # the next block's mask bytes, in flight while this block runs (too few bytes a
+                # thread for the pipeliner's async copies)
+                okb_next = tl.load(MASK + b * s_mb + (rn + BLOCK_N) * s_ms, mask=rn + BLOCK_N < end, other=0)
+                ok = okb != 0
+                k = tl.load(kb + rn[:, None] * s_ks + rd[None, :] * s_kd, mask=inb[:, None], other=0.0)
+                if IEEE:
+                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
+                else:
+                    s = tl.dot(q, tl.trans(k))
+                s = tl.where(ok[None, :], s * scale, -float("inf"))
+                m_new = tl.maximum(m, tl.max(s, 1))
+                m_use = tl.where(m_new == -float("inf"), 0.0, m_new)  # no position seen yet: weights 0, not NaN
+                alpha = tl.exp(m - m_use)
+                p = tl.exp(s - m_use[:, None])
+                l = l * alpha + tl.sum(p, 1)
+                # masked positions before `end` are loaded and weigh 0 (a non-finite value there
+                # gives NaN, as it does in SDPA)
+                v = tl.load(vb + rn[:, None] * s_vs + rd[None, :] * s_vd, mask=inb[:, None], other=0.0)
+                if IEEE:
+                    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+                else:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m = m_new
+                okb = okb_next
             row = b * KVH * G + h * G + rg  # [b, 1, heads, d], contiguous: head h*G+g of row b
             if SPLIT:  # this split's share: its softmax's output and log-sum-exp (none seen: 0 and -inf)
                 seen = l > 0

@@ -547,6 +547,23 @@ def test_decode_attention(dtype, b, kvh, G, S, d, filled, programs, monkeypatch)
                                kernels.decode_attention_torch(q, k, v, one, d ** -0.5), **tol(dtype))
 
 
+@needs_triton
+@pytest.mark.parametrize("programs", [1, 512])
+def test_decode_attention_masks_with_holes(programs, monkeypatch):
+    """A mask need not be a prefix (left padding, a masked stretch): whole blocks nothing sees come
+    before and between the visible positions, and a split may start with one. As SDPA, without a
+    NaN from a block that has no position to see."""
+    monkeypatch.setattr(kernels.attention, "PROGRAMS", programs)
+    q, k, v, _ = _decode_inputs(3, 2, 3, 150, 32, [150] * 3, torch.float32, seed=1)
+    pos = torch.arange(150)
+    mask = torch.stack([(pos >= 70) & (pos < 90), ((pos >= 5) & (pos < 10)) | (pos >= 120), pos == 149])
+    mask = mask[:, None, None, :].to(DEV)
+    want = kernels.decode_attention_torch(q, k, v, mask, 32 ** -0.5)
+    got = kernels.decode_attention_triton(q, k, v, mask, 32 ** -0.5)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, want, **tol(torch.float32))
+
+
 def test_decode_attention_dispatch(monkeypatch):
     """What the kernel does not serve (a float mask, a head dim that is not a power of two, a dtype
     the GPU has no dots for) is left to the SDPA path."""
