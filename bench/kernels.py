@@ -236,20 +236,21 @@ def bench_nf4(rows, dev):
 # and 128 (with its reference's twins), each first with the default plan. With the weight bytes
 # loaded an iteration ahead (the ninth session), the open questions: whether the pipeliner's next
 # stage (s3: the table lookups and scales two iterations ahead) pays; whether more programs an SM
-# do (4-warp tiles, or registers capped at 128: two programs, at the cost of a spill); and, at 128
-# rows, two 64-row tiles (the default: every weight dequantised twice, the second read from L2)
-# against one 128-row tile (which spills on sm_80, not on sm_90). What each compiles to for sm_90
+# do (registers capped at 128, or 4-warp tiles: two or three programs); whether wider tiles do
+# (256 x 64 reads each row's activations from L2 half as often per weight byte; 128 x 128 has
+# twice the bytes in flight); and at 128 rows, one 128-row tile (the default) against two 64-row
+# ones (every weight dequantised twice, the second read from L2). What each compiles to for sm_90
 # under Triton 3.6: bench/RESULTS.md, ninth session (bench/sass.py --nf4-sweep)
 NF4_SWEEP = {64: [(64, 128, 64, 8, 2, None), (64, 128, 64, 8, 3, None), (64, 128, 64, 8, 2, 128),
-                  (64, 64, 64, 4, 2, None), (64, 64, 64, 4, 2, 128)],
-             128: [(64, 128, 64, 8, 2, None), (128, 128, 64, 8, 2, None), (128, 128, 64, 8, 3, None)]}
+                  (64, 64, 64, 4, 2, None), (64, 256, 64, 8, 2, None), (64, 128, 128, 8, 2, None)],
+             128: [(128, 128, 64, 8, 2, None), (128, 128, 64, 8, 3, None), (64, 128, 64, 8, 2, None)]}
 NF4_TABLES = ("pairs", "codes")  # kernels.nf4.table: the gathers are the first suspect for its slowness, so
 # each tile runs with both (rather than with a second split-K target, a smaller question)
 
 
 def use_tile(bm: int, tile: tuple, tiles: dict) -> None:
-    """kernels.nf4.TILES with `tile` for `bm` rows, and bm the largest row tile: the plan takes the
-    largest tile a row count fits, so a 128-row tile serves 128 rows in one."""
+    """kernels.nf4.TILES with `tile` for `bm` rows and no larger row tile: the plan takes the largest
+    tile a row count fits, so with a 64-row tile 128 rows run as two."""
     import kernels.nf4 as nf4
     nf4.TILES.clear()
     nf4.TILES.update({m: t for m, t in tiles.items() if m < bm})

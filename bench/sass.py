@@ -75,7 +75,7 @@ def launches(nf4_rows=(1, 32, 64, 128)) -> list[tuple]:
         bf = torch.bfloat16
         d, V, N, K = 3584, 152064, 18944, 3584
         table = os.environ.pop("NLA_NF4_TABLE", None)
-        for t, rows in (("pairs", nf4_rows), ("codes", [r for r in nf4_rows if r > 16])):  # the lookup experiment too
+        for t, rows in (("pairs", nf4_rows), ("codes", nf4_rows[-2:])):  # the lookup experiment too
             os.environ["NLA_NF4_TABLE"] = t
             for m in rows:
                 nf4.nf4_partials(torch.empty(m, K, dtype=bf), torch.empty(N * K // 2, dtype=torch.uint8),
@@ -222,9 +222,12 @@ HEADER = (f"{'kernel':24} {'launch':38} {'arch':5} {'regs':>4} {'spill':>6} {'sm
 
 def sweep(arches) -> None:
     import kernels.nf4 as nf4
-    _, fn, args, meta = next(c for c in launches(nf4_rows=(1,)) if c[0] == "nf4")
+    rows = sorted(nf4.TILES) + [nf4.MAX_ROWS]  # and one tile for the most rows it serves
+    rec = {c[2][c[1].arg_names.index("M")]: c for c in launches(nf4_rows=rows) if c[0] == "nf4" and c[3]["PAIRS"]}
     print("\nnf4 candidates (the table TILES was chosen from: fewest /elem with no spill anywhere)\n" + HEADER)
-    for bm in sorted(nf4.TILES) + [nf4.MAX_ROWS]:  # and one tile for the most rows it serves
+    for bm in rows:
+        _, fn, args, meta = rec[bm]  # launched with as many rows as the tile holds: the row count's
+        # own specialization (1 becomes a constant, a multiple of 16 is marked)
         for bn in (64, 128):
             for bk in (64, 128):
                 for warps in (4, 8):
@@ -250,12 +253,13 @@ def timed_sweep(arches, calls) -> None:
     (each from its own recorded launch in `calls`: the tables differ in type), and how many
     programs an SM holds: the sweep's question is whether more than one pays."""
     from bench.kernels import NF4_SWEEP
-    rec = {(meta["BLOCK_M"], meta["PAIRS"]): (fn, args, meta) for name, fn, args, meta in calls if name == "nf4"}
+    rec = {(args[fn.arg_names.index("M")], meta["PAIRS"]): (fn, args, meta) for name, fn, args, meta in calls
+           if name == "nf4"}
     print(f"\nnf4-sweep tiles (bench/kernels.py), and programs an SM\n{HEADER}  programs")
-    for tiles in NF4_SWEEP.values():
+    for rows, tiles in NF4_SWEEP.items():
         for bm, bn, bk, warps, stages, regs in tiles:
             for pairs in (True, False):
-                fn, args, meta = rec[min(bm, max(b for b, _ in rec)), pairs]  # a 128-row tile: the 64's launch
+                fn, args, meta = rec[rows, pairs]  # the launch with the rows the bench times
                 m = dict(meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
                 m.pop("maxnreg", None)
                 m.update({"maxnreg": regs} if regs else {})

@@ -15,10 +15,10 @@ one gather per BYTE from a 256-entry table of code pairs (two fp32 codes in an i
 one per nibble with its shifts; the even and odd elements of K as two dots (the dot's sum does not
 care about order, so the nibbles are never interleaved back); the weight tile as the dot's left
 operand; no masks along K (whole blocks by construction) nor N (clamped loads where N is ragged);
-one row tile for up to 64 rows, so each weight is dequantised once per step (128 rows take two, the
-second read from L2: a 128-row tile spills). The next tile's bytes are loaded one iteration ahead,
-which Triton does not do for a load that feeds a table lookup. On sm_90: 15-24 instructions per
-weight before, 7-11 now, and no register spill on sm_80/89/90.
+and one row tile for up to 128 rows, so each weight is dequantised once per step; the next tile's
+bytes are loaded an iteration ahead, which Triton does not do for a load that feeds a table
+lookup. On sm_90, as launched (bench/sass.py): 6-11 instructions per weight, no register spill
+on sm_80/89/90.
 
 **Off by default: it loses to bitsandbytes.** Timed on an H200 (2026-11-27, device time in a CUDA
 graph, Qwen2.5-7B shapes: bench/RESULTS.md), it reads 40-265 GB/s, 0.21-0.78x bitsandbytes'
@@ -43,9 +43,8 @@ import torch
 
 from .dispatch import backend, dot_supported, empty, forced, pow2
 
-MAX_ROWS = 128  # a decode batch, or one with its KL reference's rows (lora.side_by_side): at most
-# two row tiles (TILES), so each weight is dequantised at most twice a step; more may lose to
-# bitsandbytes' dequantise-once
+MAX_ROWS = 128  # a decode batch, or one with its KL reference's rows (lora.side_by_side); above it
+# a step dequantises every weight once per row tile, which may lose to bitsandbytes' dequantise-once
 
 
 def servable(module) -> bool:
@@ -200,7 +199,7 @@ PROGRAMS = 264  # split-K aims at about this many programs: two waves on a 132-S
 
 def _splits(K: int, block_k: int, tiles: int) -> int:
     """Split K into equal parts (whole BLOCK_Ks) so that the programs number about PROGRAMS: a
-    decode batch has one or two row tiles, so N alone gives too few. The split nearest the target
+    decode batch has one row tile, so N alone gives too few. The split nearest the target
     by ratio, not the first above it: each part writes an fp32 [M, N] partial, and at 7B's down
     projection the first split above 264 programs would write as many partial bytes as the weight
     has."""
@@ -212,12 +211,11 @@ def _splits(K: int, block_k: int, tiles: int) -> int:
 # (BLOCK_N, BLOCK_K, warps) per row tile, chosen by compiled SASS (bench/sass.py --sweep): the
 # fewest instructions per weight with no register spill on sm_80, sm_89 and sm_90 under Triton 3.6
 # (torch 2.11's) and 3.9 both, at most 49 KB of shared memory (consumer GPUs have 99 KB a block);
-# two pipeline stages. The largest is the most rows a tile takes: with the bytes prefetched, every
-# 128-row tile spills on sm_80 under 3.9 as well as 3.6, so 128 rows run as two 64-row tiles
-TILES = {16: (128, 64, 4), 32: (128, 64, 8), 64: (128, 64, 8)}
+# two pipeline stages
+TILES = {16: (128, 64, 4), 32: (128, 64, 8), 64: (128, 64, 8), 128: (128, 64, 8)}
 STAGES = 2
-MAXNREG = None  # registers a thread may hold (ptxas' maxnreg); None: as many as ptxas wants (177-255
-# on sm_90 under Triton 3.6: one 8-warp program an SM). The nf4-sweep bench tries 128: two, a spill
+MAXNREG = None  # registers a thread may hold (ptxas' maxnreg); None: as many as ptxas wants (138 at
+# 64 rows on sm_90 under Triton 3.6: one 8-warp program an SM). The nf4-sweep bench tries 128: two
 
 
 def _plan(M: int, N: int, K: int, blocksize: int) -> tuple[int, int, int, int, int, int]:
