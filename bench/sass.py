@@ -147,10 +147,10 @@ def compile_stats(fn, args, meta: dict, arch: int) -> dict:
 
 # loads that must be in flight before the iteration that uses them, by kernel: element types. A
 # load used where it is issued costs a whole memory latency every iteration, and with one or a
-# few programs an SM nothing covers it (bench/RESULTS.md, ninth session). The nf4 kernel's weight
-# bytes (Triton's pipeliner does not prefetch a load whose values become table addresses; its
-# activations are re-read from L2 and stay late) and decode attention's mask, keys and values
-AHEAD = {"nf4": {"i8"}, "decode_attention": {"i8", "bf16", "f16", "f32"}}
+# few programs an SM nothing covers it (bench/RESULTS.md, ninth session): the nf4 kernel's weight
+# bytes (Triton's pipeliner does not prefetch a load whose values become table addresses, so the
+# kernel does) and activations, the decode attention's mask, keys and values
+AHEAD = {"nf4": {"i8", "bf16", "f16", "f32"}, "decode_attention": {"i8", "bf16", "f16", "f32"}}
 
 
 def late_loads(ttgir: str) -> set[str]:

@@ -167,9 +167,12 @@ def _k():
                 byte_next = tl.load(pb + tl.minimum(kk + BLOCK_K, k_split - BLOCK_K) // 2)
                 ra = kk // BS + tl.arange(0, BLOCK_K // BS)
                 a = tl.load(A + rn[:, None] * (K // BS) + ra[None, :])[:, :, None]
-                xp = X + rm[None, :] * s_xm + (kk + 2 * j)[:, None] * s_xk
+                # X comes with each quantisation block's even elements first, then its odd ones
+                # (nf4_linear_triton): runs the pipeliner copies in ahead, where two-byte loads of
+                # every other element were late
+                xp = X + rm[None, :] * s_xm + (kk + (j // (BS // 2)) * BS + j % (BS // 2))[:, None] * s_xk
                 xe = tl.load(xp, mask=mm[None, :], other=0.0)  # [HB, BLOCK_M]: even elements of K
-                xo = tl.load(xp + s_xk, mask=mm[None, :], other=0.0)  # odd ones
+                xo = tl.load(xp + (BS // 2) * s_xk, mask=mm[None, :], other=0.0)  # odd ones
                 if PAIRS:
                     pair = tl.load(T + byte.to(tl.int32))  # both codes of the byte, in one read
                     ch = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
@@ -253,9 +256,11 @@ def _codes(pairs: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("nla::nf4_partials", mutates_args=())
 def nf4_partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tensor,
                  N: int, K: int, blocksize: int) -> torch.Tensor:
-    """The kernel's fp32 split-K partial products [S, M, N] of x [M, K]. A torch op, so that
-    torch.compile takes the decode step of a 4-bit base whole (the kernel is opaque to it; the sum
-    of the partials, the bias and the cast after it are fused with their neighbours)."""
+    """The kernel's fp32 split-K partial products [S, M, N] of x [M, K], given x with each
+    quantisation block's even elements first and its odd ones after (`evens_then_odds`). A torch
+    op, so that torch.compile takes the decode step of a 4-bit base whole (the kernel is opaque to
+    it; the reordering before it, the sum of the partials, the bias and the cast after it are
+    fused with their neighbours)."""
     M = x.shape[0]
     BLOCK_M, BLOCK_N, BLOCK_K, warps, S, m_tiles = _plan(M, N, K, blocksize)
     part = empty((S, M, N), torch.float32, x.device)
@@ -274,9 +279,16 @@ def _(x, packed, absmax, pairs, N, K, blocksize):
     return x.new_empty((_plan(x.shape[0], N, K, blocksize)[4], x.shape[0], N), dtype=torch.float32)
 
 
+def evens_then_odds(x: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """x [M, K] with each quantisation block's even elements first, then its odd ones (a copy): the
+    order the kernel reads, as a byte's high nibble holds an even element and its low one the odd."""
+    return x.reshape(x.shape[0], -1, blocksize // 2, 2).transpose(-1, -2).reshape(x.shape[0], -1)
+
+
 def nf4_linear_triton(x, packed, absmax, pairs, N, K, blocksize, bias=None):
     lead = x.shape[:-1]
-    part = torch.ops.nla.nf4_partials(x.reshape(-1, K), packed, absmax, pairs, N, K, blocksize)
+    part = torch.ops.nla.nf4_partials(evens_then_odds(x.reshape(-1, K), blocksize), packed, absmax, pairs, N, K,
+                                      blocksize)
     out = part[0] if part.shape[0] == 1 else part.sum(0)
     if bias is not None:  # added before the one rounding, as a GEMM's epilogue does
         out = out + bias.float()
