@@ -19,8 +19,9 @@ then compiled for each target), and the machine code read back:
 
 --sweep compiles the nf4 kernel's candidate tiles (sizes and warps) for each row tile it uses, and
 one row tile for MAX_ROWS: the table kernels/nf4.py's TILES came from. --check exits 1 on a spill,
-on more than 99 KB, or where the nf4 kernel uses its weight bytes in the iteration that loads them
-(`bytes_ahead`); tests/test_kernels.py runs it for sm_80 and sm_90. --nf4-sweep compiles
+on more than 99 KB, or where a kernel uses a load that must be in flight early in the iteration
+that issues it (`late_loads`, `AHEAD`); tests/test_kernels.py runs it for sm_80 and sm_90.
+--nf4-sweep compiles
 the tiles `bench/kernels.py --only nf4-sweep` times on a GPU, with both code tables, and says how
 many programs an SM each holds.
 """
@@ -260,9 +261,7 @@ def timed_sweep(arches, calls) -> None:
         for bm, bn, bk, warps, stages, regs in tiles:
             for pairs in (True, False):
                 fn, args, meta = rec[rows, pairs]  # the launch with the rows the bench times
-                m = dict(meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
-                m.pop("maxnreg", None)
-                m.update({"maxnreg": regs} if regs else {})
+                m = dict(meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, maxnreg=regs)
                 for arch in arches:
                     s = compile_stats(fn, args, m, arch)
                     print(row("nf4", arch, s, m), programs_per_sm(s, warps, arch), flush=True)

@@ -7,8 +7,8 @@ reads the mask first and walks the cache only up to its last visible position, s
 the cache up to where it is filled: on average two thirds of it over a 76-token prompt and 150
 new tokens. Its loop has no branch, so Triton's pipeliner loads the next blocks' keys and values
 while one is used (until the ninth session a block without a visible position was skipped by a
-branch, which kept every load waiting where it was issued: bench/sass.py's LATE check). One program
-per (row, key/value head) holds that head's query heads as the rows of its tiles (grouped-query
+branch, which kept every load waiting where it was issued: bench/sass.py's LATE check). One
+program per (row, key/value head) holds that head's query heads as the rows of its tiles (grouped-query
 attention without copying keys or values per query head) with an online softmax in fp32, and
 writes the output in the [rows, 1, heads, dim] layout the attention module returns, so no
 transpose copy follows.
@@ -154,8 +154,8 @@ def _k():
             end = lo
             for c0 in range(lo, hi, BLOCK_C):
                 rc = c0 + tl.arange(0, BLOCK_C)
-                seen = tl.load(MASK + b * s_mb + rc * s_ms, mask=rc < hi, other=0) != 0
-                end = tl.maximum(end, tl.max(tl.where(seen, rc + 1, lo), 0))
+                vis = tl.load(MASK + b * s_mb + rc * s_ms, mask=rc < hi, other=0) != 0
+                end = tl.maximum(end, tl.max(tl.where(vis, rc + 1, lo), 0))
             rn = lo + tl.arange(0, BLOCK_N)
             okb = tl.load(MASK + b * s_mb + rn * s_ms, mask=rn < end, other=0)
             for n0 in range(lo, end, BLOCK_N):

@@ -15,10 +15,11 @@ one gather per BYTE from a 256-entry table of code pairs (two fp32 codes in an i
 one per nibble with its shifts; the even and odd elements of K as two dots (the dot's sum does not
 care about order, so the nibbles are never interleaved back); the weight tile as the dot's left
 operand; no masks along K (whole blocks by construction) nor N (clamped loads where N is ragged);
-and one row tile for up to 128 rows, so each weight is dequantised once per step; the next tile's
-bytes are loaded an iteration ahead, which Triton does not do for a load that feeds a table
-lookup. On sm_90, as launched (bench/sass.py): 6-11 instructions per weight, no register spill
-on sm_80/89/90.
+and one row tile for up to 128 rows, so each weight is dequantised once per step. No load waits
+where it is issued: the next tile's bytes are loaded an iteration ahead (Triton does not do that
+for a load that feeds a table lookup), and the activations come reordered (`evens_then_odds`) so
+that the pipeliner copies them in ahead. On sm_90, as launched (bench/sass.py): 6-9 instructions
+per weight, no register spill on sm_80/89/90.
 
 **Off by default: it loses to bitsandbytes.** Timed on an H200 (2026-11-27, device time in a CUDA
 graph, Qwen2.5-7B shapes: bench/RESULTS.md), it reads 40-265 GB/s, 0.21-0.78x bitsandbytes'
@@ -160,10 +161,10 @@ def _k():
             for kk in range(0, k_split, BLOCK_K):
                 # the next tile's bytes are loaded before this one's are used, so they are in flight
                 # while it is dequantised and multiplied. Loaded where they are used, they cost a
-                # whole memory latency every iteration, at one program an SM: Triton's pipeliner
-                # prefetches the scales and the table lookups but not a load whose values become
-                # addresses (bench/sass.py --check; bench/RESULTS.md, ninth session). The last
-                # iteration reloads its own tile: in bounds, unused
+                # whole memory latency every iteration, at one or two programs an SM: Triton's
+                # pipeliner prefetches the scales and the table lookups but not a load whose values
+                # become addresses (bench/sass.py --check; bench/RESULTS.md, ninth session). The
+                # last iteration reloads its own tile: in bounds, unused
                 byte_next = tl.load(pb + tl.minimum(kk + BLOCK_K, k_split - BLOCK_K) // 2)
                 ra = kk // BS + tl.arange(0, BLOCK_K // BS)
                 a = tl.load(A + rn[:, None] * (K // BS) + ra[None, :])[:, :, None]
@@ -202,10 +203,9 @@ PROGRAMS = 264  # split-K aims at about this many programs: two waves on a 132-S
 
 def _splits(K: int, block_k: int, tiles: int) -> int:
     """Split K into equal parts (whole BLOCK_Ks) so that the programs number about PROGRAMS: a
-    decode batch has one row tile, so N alone gives too few. The split nearest the target
-    by ratio, not the first above it: each part writes an fp32 [M, N] partial, and at 7B's down
-    projection the first split above 264 programs would write as many partial bytes as the weight
-    has."""
+    decode batch has one row tile, so N alone gives too few. The split nearest the target by ratio,
+    not the first above it: each part writes an fp32 [M, N] partial, and at 7B's down projection
+    the first split above 264 programs would write as many partial bytes as the weight has."""
     steps = K // block_k
     splits = [s for s in range(1, steps + 1) if steps % s == 0]
     return min(splits, key=lambda s: max(tiles * s / PROGRAMS, PROGRAMS / (tiles * s)))
@@ -217,7 +217,7 @@ def _splits(K: int, block_k: int, tiles: int) -> int:
 # two pipeline stages
 TILES = {16: (128, 64, 4), 32: (128, 64, 8), 64: (128, 64, 8), 128: (128, 64, 8)}
 STAGES = 2
-MAXNREG = None  # registers a thread may hold (ptxas' maxnreg); None: as many as ptxas wants (138 at
+MAXNREG = None  # registers a thread may hold (ptxas' maxnreg); None: as many as ptxas wants (136 at
 # 64 rows on sm_90 under Triton 3.6: one 8-warp program an SM). The nf4-sweep bench tries 128: two
 
 
