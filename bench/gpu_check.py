@@ -17,10 +17,12 @@ failure or hang does not eat the rest, and ends with a one-screen summary:
                bitsandbytes, the fused next-token draw against torch.multinomial, the decode attention
                that reads the cache up to its fill against SDPA
     e2e        collect -> train --preset gpu (scaled down) -> explain -> eval on a random model
-    profile, memory-profile, memory-compiled, nf4-sweep, memory-torch
+    profile, memory-profile, memory-compiled, nf4-sweep, memory-torch, memory-nf4
                diagnoses: the decode step's and the update's kernels at 1.5B, the 7B update's
                kernels, the 7B step with bitsandbytes' decode step compiled, the nf4 kernel's tiles
-               by device time, the 7B step with torch kernels
+               by device time, the 7B step with torch kernels, the 7B step with its rollout through
+               the nf4 kernel (if the nf4 stage shows the kernel beating bitsandbytes, this is the
+               second call's job, before nf4-sweep)
 
     python bench/gpu_check.py [--out DIR] [--only STAGE,...|all] [--budget SECONDS] [--dry-run]
 
@@ -88,6 +90,11 @@ STAGES = [
     ("memory-compiled", 200, f"env NLA_COMPILE_DECODE=1 {PY} bench/memory.py --steps 2 --plans ckpt:64",
      r"RL step|decode step|step \d|peak GPU"),
     ("memory-torch", 100, f"env NLA_KERNELS=torch {PY} bench/memory.py --steps 3", r"RL step|peak GPU|step \d"),
+    # the 7B step with its rollout through the nf4 kernel, its decode step compiled (~66 s at 7B):
+    # worth its minutes once the nf4 stage shows the kernel (since the ninth session no load of it
+    # waits where it is issued) beating bitsandbytes
+    ("memory-nf4", 200, f"env NLA_KERNELS=triton {PY} bench/memory.py --steps 2 --plans ckpt:64",
+     r"RL step|decode step|step \d|peak GPU"),
     ("e2e", 100, "bash -c " + shlex.quote(
         f"set -e; {PY} bench/gpu_check.py --make-random-model {RANDOM_MODEL}; D=/tmp/nla-gpu-check; "
         f"{PY} cli.py collect --model {RANDOM_MODEL} --layer 20 --max-docs 96 --per-doc 4 --out $D/acts --overwrite; "
@@ -109,7 +116,7 @@ DEFAULT = ("parity", "nf4", "rl-1.5b", "memory")
 FALLBACK = {"rl-1.5b": ("nf4", "env NLA_KERNELS=torch "), "memory": ("nf4", "env NLA_KERNELS=torch ")}
 # run after the chosen stages, each only if its whole cap fits in what is left of --budget (the
 # memory stage profiles the 7B update itself now)
-EXTRA = ("memory-compiled", "nf4-sweep", "memory-torch", "profile")
+EXTRA = ("memory-compiled", "nf4-sweep", "memory-torch", "profile", "memory-nf4")
 
 
 def setup_env(log) -> dict:
