@@ -6,8 +6,9 @@ on a GPU that is an fp32 softmax, an fp32 tensor of exponentials, a divide and a
 passes over 64 x 152k values a step, ~0.2 ms of the 3.6 ms a 1.5B step took (profile in
 bench/RESULTS.md). The race needs no softmax: argmax of p / E is argmax of logit / T - log E,
 since the normaliser is the same for the whole row. So the Triton kernel reads each logit once,
-draws its uniform in registers (Philox, tl.rand), and keeps a running argmax; each program owns
-a slice of one row's vocabulary and the few partial winners are reduced by torch.
+draws its uniform in registers (Philox: one call gives four tokens theirs), and keeps a running
+argmax; each program owns a slice of one row's vocabulary and the few partial winners are
+reduced by torch.
 
   torch   the reference and the CPU path: the same race with E = -log(U) from fp64 uniforms
           (the CPU's exponential_ is the slow part of multinomial there: 13 ms against 4 ms for
@@ -80,10 +81,15 @@ def _k():
             base = L + row.to(tl.int64) * s_l
             best = tl.full((BLOCK_V,), -float("inf"), tl.float32)
             arg = tl.zeros((BLOCK_V,), tl.int32)
+            V4 = (V + 3) // 4
             for v0 in range(part * SLICE, tl.minimum(part * SLICE + SLICE, V), BLOCK_V):
                 cols = v0 + tl.arange(0, BLOCK_V)
                 x = tl.load(base + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
-                u = tl.rand(seed, row * V + cols)  # a distinct Philox counter per (row, token); rows * V < 2^31
+                # one Philox call per 4 tokens (its four outputs; tl.rand spends a call on each token,
+                # most of this loop's instructions): counter (row, token // 4), output by token % 4,
+                # so a token's uniform does not depend on how the row is split; rows * V < 2^31
+                u0, u1, u2, u3 = tl.rand4x(seed, row * V4 + v0 // 4 + tl.arange(0, BLOCK_V // 4))
+                u = tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), (BLOCK_V,))
                 # log p - log E up to the row's normaliser; U = 0 gives E = inf, a score of -inf
                 s = x * inv_t - tl.log(-tl.log(u))
                 take = s > best  # strict: the first of equal scores, as argmax
