@@ -238,13 +238,15 @@ def bench_nf4(rows, dev):
 # and 128 (with its reference's twins), each first with the default plan. With the weight bytes
 # loaded an iteration ahead (the ninth session), the open questions: whether the pipeliner's next
 # stage (s3: the table lookups and scales two iterations ahead) pays; whether more programs an SM
-# do (registers capped at 128, or 4-warp tiles: two or three programs); whether wider tiles do
+# do (registers capped at 128, or 4-warp tiles: two or three programs; 128 x 64 on 4 warps also
+# issues the fewest instructions per weight as launched); whether wider tiles do
 # (256 x 64 reads each row's activations from L2 half as often per weight byte; 128 x 128 has
 # twice the bytes in flight); and at 128 rows, one 128-row tile (the default) against two 64-row
 # ones (every weight dequantised twice, the second read from L2). What each compiles to for sm_90
 # under Triton 3.6: bench/RESULTS.md, ninth session (bench/sass.py --nf4-sweep)
 NF4_SWEEP = {64: [(64, 128, 64, 8, 2, None), (64, 128, 64, 8, 3, None), (64, 128, 64, 8, 2, 128),
-                  (64, 64, 64, 4, 2, None), (64, 256, 64, 8, 2, None), (64, 128, 128, 8, 2, None)],
+                  (64, 128, 64, 4, 2, None), (64, 64, 64, 4, 2, None), (64, 256, 64, 8, 2, None),
+                  (64, 128, 128, 8, 2, None)],
              128: [(128, 128, 64, 8, 2, None), (128, 128, 64, 8, 3, None), (64, 128, 64, 8, 2, None)]}
 NF4_TABLES = ("pairs", "codes")  # kernels.nf4.table: the gathers are the first suspect for its slowness, so
 # each tile runs with both (rather than with a second split-K target, a smaller question)

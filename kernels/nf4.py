@@ -211,10 +211,12 @@ def _splits(K: int, block_k: int, tiles: int) -> int:
     return min(splits, key=lambda s: max(tiles * s / PROGRAMS, PROGRAMS / (tiles * s)))
 
 
-# (BLOCK_N, BLOCK_K, warps) per row tile, chosen by compiled SASS (bench/sass.py --sweep): the
-# fewest instructions per weight with no register spill on sm_80, sm_89 and sm_90 under Triton 3.6
-# (torch 2.11's) and 3.9 both, at most 49 KB of shared memory (consumer GPUs have 99 KB a block);
-# two pipeline stages
+# (BLOCK_N, BLOCK_K, warps) per row tile, chosen by compiled SASS (bench/sass.py --sweep): no
+# register spill on sm_80, sm_89 and sm_90 under Triton 3.6 (torch 2.11's) and 3.9 both, at most
+# 69 KB of shared memory (consumer GPUs have 99 KB a block), two pipeline stages. As launched, 4
+# warps would issue 12-22% fewer instructions per weight at 32 and 64 rows (at 64, two 4-warp
+# programs an SM instead of one of 8); instruction counts have not predicted this kernel's speed,
+# so the GPU's nf4-sweep decides (bench/RESULTS.md, ninth session)
 TILES = {16: (128, 64, 4), 32: (128, 64, 8), 64: (128, 64, 8), 128: (128, 64, 8)}
 STAGES = 2
 MAXNREG = None  # registers a thread may hold (ptxas' maxnreg); None: as many as ptxas wants (136 at
