@@ -146,12 +146,12 @@ def compile_stats(fn, args, meta: dict, arch: int) -> dict:
                 smem=c.metadata.shared, loop=loop_length(sass), late=late_loads(c.asm["ttgir"]))
 
 
-# loads that must be in flight before the iteration that uses them, by kernel: element types. A
-# load used where it is issued costs a whole memory latency every iteration, and with one or a
-# few programs an SM nothing covers it (bench/RESULTS.md, ninth session): the nf4 kernel's weight
-# bytes (Triton's pipeliner does not prefetch a load whose values become table addresses, so the
-# kernel does) and activations, the decode attention's mask, keys and values
-AHEAD = {"nf4": {"i8", "bf16", "f16", "f32"}, "decode_attention": {"i8", "bf16", "f16", "f32"}}
+# kernels whose main-loop loads must all be in flight before the iteration that uses them. A load
+# used where it is issued costs a whole memory latency every iteration, and with one or a few
+# programs an SM nothing covers it (bench/RESULTS.md, ninth session): the nf4 kernel's weight bytes
+# (Triton's pipeliner does not prefetch a load whose values become table addresses, so the kernel
+# does) and activations, the decode attention's mask, keys and values
+AHEAD = ("nf4", "decode_attention")
 
 
 def late_loads(ttgir: str) -> set[str]:
@@ -204,8 +204,8 @@ def describe(name, meta) -> str:
 
 
 def bad_loads(name, s) -> set[str]:
-    """The late loads (late_loads) that kernel `name` must have in flight early (AHEAD)."""
-    return s["late"] & AHEAD.get(name, set())
+    """The late loads (late_loads) of a kernel that must have none (AHEAD)."""
+    return s["late"] if name in AHEAD else set()
 
 
 def row(name, arch, s, meta) -> str:
@@ -281,9 +281,10 @@ def main():
     print(HEADER)
     seen, bad, calls = set(), 0, launches()
     for name, fn, args, meta in calls:
-        if (name, describe(name, meta)) in seen:
+        key = (name, describe(name, meta))
+        if key in seen:
             continue
-        seen.add((name, describe(name, meta)))
+        seen.add(key)
         for arch in arches:
             s = compile_stats(fn, args, meta, arch)
             bad += bool(s["spill"] or s["smem"] > SMEM_LIMIT or bad_loads(name, s))

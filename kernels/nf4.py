@@ -141,8 +141,7 @@ def _k():
             pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
             # a tile's corner in int64 (scalars, so no product of sizes can overflow), the offsets
             # within it in int32 (below 128 rows x a row's length): int64 offsets per element cost
-            # ~30 more registers a thread, and registers are what hold this kernel to one program
-            # an SM (bench/RESULTS.md)
+            # registers, and registers decide how many programs an SM holds (bench/RESULTS.md)
             m0, n0, k0 = pid_m * BLOCK_M, pid_n * BLOCK_N, pid_s * k_split
             X += m0.to(tl.int64) * s_xm + k0.to(tl.int64) * s_xk
             P += n0.to(tl.int64) * (K // 2) + k0 // 2
