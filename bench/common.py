@@ -159,9 +159,55 @@ def weight_bytes(model, role: str | None = None) -> int:
     return total
 
 
+def _add(table: dict, key, us: float) -> None:
+    t = table.setdefault(key, [0.0, 0])
+    t[0] += us
+    t[1] += 1
+
+
+def trace_tables(events: list[dict]) -> tuple[dict, dict, dict]:
+    """A Chrome trace's events (torch.profiler's export) summed by name: device time per (kernel,
+    the op that launched it), self host time per op, host wall time per `nla.` phase; each
+    {key: [microseconds, count]}. Why not `key_averages()`: on the ~10^5 ops of a 7B update it
+    takes minutes of Python (23 s for 1.5e5 small ops on this CPU, against 3 s to export and
+    read back), which is how a GPU stage's cap cut the update's profile before it printed."""
+    device, host, phases, launched_in = {}, {}, {}, {}
+    by_thread = {}
+    for e in events:
+        if e.get("ph") != "X":
+            continue
+        cat = e.get("cat", "")
+        if cat == "cpu_op" or (cat in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})):
+            by_thread.setdefault((e.get("pid"), e.get("tid")), []).append(e)
+        elif cat == "user_annotation" and e["name"].startswith("nla."):
+            _add(phases, e["name"][4:], e["dur"])
+    for evs in by_thread.values():  # one sweep a thread: the op stack gives self times and launchers
+        stack = []
+        for e in sorted(evs, key=lambda e: (e["ts"], -e.get("dur", 0))):
+            while stack and stack[-1][0] <= e["ts"]:
+                end, name, self_us = stack.pop()
+                _add(host, name, self_us)
+            if e["cat"] != "cpu_op":
+                launched_in[e["args"]["correlation"]] = stack[-1][1] if stack else "-"
+                continue
+            if stack:
+                stack[-1][2] -= e["dur"]
+            stack.append([e["ts"] + e["dur"], e["name"], e["dur"]])
+        for _, name, self_us in stack:
+            _add(host, name, self_us)
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
+            _add(device, (e["name"], launched_in.get(e.get("args", {}).get("correlation"), "-")), e["dur"])
+    return device, host, phases
+
+
 def profile_ops(what, fn, dev, rows, extra=lambda: ""):
-    """fn() under torch.profiler; its top ops by self time on the device (kernels replayed from a
-    CUDA graph are traced one by one)."""
+    """fn() under torch.profiler; its top kernels by device time, each with the op that launched
+    it (kernels replayed from a CUDA graph are traced one by one, launched by the graph), or on a
+    CPU its top ops by self time; then the library's phases (record_function) by host wall time."""
+    import json
+    import tempfile
+
     from torch.profiler import ProfilerActivity, profile
     cuda = dev.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -169,18 +215,19 @@ def profile_ops(what, fn, dev, rows, extra=lambda: ""):
         fn()
         if cuda:
             torch.cuda.synchronize(dev)
-    key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    ev = prof.key_averages()
-    total = sum(getattr(e, key) for e in ev) or 1.0
+    with tempfile.TemporaryDirectory() as d:
+        prof.export_chrome_trace(f"{d}/trace.json")
+        with open(f"{d}/trace.json") as f:
+            device, host, phases = trace_tables(json.load(f)["traceEvents"])
+    table = device if cuda else host
+    total = sum(us for us, _ in table.values()) or 1.0
     note = extra()
-    print(f"\nprofile of {what}{' (' + note + ')' if note else ''}, top ops by self "
-          f"{'device' if cuda else 'CPU'} time (total {total / 1e6:.3f} s):", flush=True)
-    print(f"{'op':60} {'ms':>9} {'share':>6} {'calls':>6}")
-    for e in sorted(ev, key=lambda e: getattr(e, key), reverse=True)[:rows]:
-        t = getattr(e, key)
-        print(f"prof {e.key[:55]:55} {t / 1e3:9.1f} {t / total:6.1%} {e.count:6d}")
-    phases = sorted((e for e in ev if e.key.startswith("nla.")), key=lambda e: e.key)
-    if phases:  # the library's named ranges (record_function): host wall time per phase
-        print("phase (host wall ms, calls): " + ", ".join(f"{e.key[4:]} {e.cpu_time_total / 1e3:.1f} ({e.count})"
-                                                          for e in phases))
+    print(f"\nprofile of {what}{' (' + note + ')' if note else ''}, top {'kernels' if cuda else 'ops'} by "
+          f"{'device' if cuda else 'self CPU'} time (total {total / 1e6:.3f} s):", flush=True)
+    print(f"{'kernel [the op that launched it]' if cuda else 'op':72} {'ms':>9} {'share':>6} {'calls':>6}")
+    for key, (us, n) in sorted(table.items(), key=lambda kv: -kv[1][0])[:rows]:
+        name = f"{key[0][:50]} [{key[1][:18]}]" if cuda else key[:70]
+        print(f"prof {name:67} {us / 1e3:9.1f} {us / total:6.1%} {n:6d}")
+    if phases:
+        print("phase (host wall ms, calls): " + ", ".join(f"{k} {us / 1e3:.1f} ({n})" for k, (us, n) in sorted(phases.items())))
     print(flush=True)

@@ -17,12 +17,12 @@ failure or hang does not eat the rest, and ends with a one-screen summary:
                bitsandbytes, the fused next-token draw against torch.multinomial, the decode attention
                that reads the cache up to its fill against SDPA
     e2e        collect -> train --preset gpu (scaled down) -> explain -> eval on a random model
-    profile, memory-profile, memory-compiled, nf4-sweep, memory-torch, memory-nf4
+    profile, memory-profile, memory-compiled, nf4-sweep, memory-torch, memory-nf4, memory-full
                diagnoses: the decode step's and the update's kernels at 1.5B, the 7B update's
                kernels, the 7B step with bitsandbytes' decode step compiled, the nf4 kernel's tiles
                by device time, the 7B step with torch kernels, the 7B step with its rollout through
                the nf4 kernel (if the nf4 stage shows the kernel beating bitsandbytes, this is the
-               second call's job, before nf4-sweep)
+               second call's job, before nf4-sweep), the 7B step without checkpointing
 
     python bench/gpu_check.py [--out DIR] [--only STAGE,...|all] [--budget SECONDS] [--dry-run]
 
@@ -65,12 +65,12 @@ STAGES = [
     ("rl-1.5b", 200, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 2 --rank 64 "
                      f"--micro 32 --loops ours-compiled,hf --modes triton --profile-decode",
      r"roofline|ours|old eager|HF generate|torch |triton |failed|peak|^prof |^phase"),
-    # the 7B step with checkpointing (a cold 7B build ~70 s) at micro 16 and 64 (one chunk: an
-    # update's fewest passes; each pass of a few rows costs a full pass's launches and dequantising),
-    # the last one's update profiled (the AR and GRPO phases took 3-4x their earlier times in the
-    # last run, with twice the decoder passes: since cut to ~half, nla/shared_prefix.Held), then the
+    # the 7B step with checkpointing (a cold 7B build ~70 s) at micro 16, its update profiled right
+    # after (the AR and GRPO phases took 3-4x their earlier times in the last run, with twice the
+    # decoder passes: since cut to ~half, nla/shared_prefix.Held), at micro 64 (one chunk: an
+    # update's fewest passes; each pass of a few rows costs a full pass's launches and dequantising), then the
     # rollout with the reference's twins and without, and the update with the reference forward
-    # (the plan without checkpointing, full:4, waits for a run with time to spare)
+    # (the plans without checkpointing are stage memory-full)
     ("memory", 180, f"{PY} bench/memory.py --steps 2 --plans ckpt:16,ckpt:64 --rollout-ab --profile",
      r"RL step|peak GPU|step \d|out of|decode step|rollout|reference forward|^phase"),
     # diagnosis, on request: the compiled decode step's kernels, and the update per kernel mode
@@ -95,6 +95,11 @@ STAGES = [
     # waits where it is issued) beating bitsandbytes
     ("memory-nf4", 200, f"env NLA_KERNELS=triton {PY} bench/memory.py --steps 2 --plans ckpt:64",
      r"RL step|decode step|step \d|peak GPU"),
+    # the 7B step without checkpointing: one forward fewer per backward, a third of the update's
+    # FLOPs, for ~8.5 MB of stored activations a token (302 KB a layer, counted on a CPU: tenth
+    # session's RESULTS): 4 rows of 150 tokens ~5 GB, 8 rows ~10 GB (with the rest, past 20 GB)
+    ("memory-full", 150, f"{PY} bench/memory.py --steps 2 --plans full:4,full:8",
+     r"RL step|peak GPU|step \d|out of"),
     ("e2e", 100, "bash -c " + shlex.quote(
         f"set -e; {PY} bench/gpu_check.py --make-random-model {RANDOM_MODEL}; D=/tmp/nla-gpu-check; "
         f"{PY} cli.py collect --model {RANDOM_MODEL} --layer 20 --max-docs 96 --per-doc 4 --out $D/acts --overwrite; "
@@ -116,7 +121,7 @@ DEFAULT = ("parity", "nf4", "rl-1.5b", "memory")
 FALLBACK = {"rl-1.5b": ("nf4", "env NLA_KERNELS=torch "), "memory": ("nf4", "env NLA_KERNELS=torch ")}
 # run after the chosen stages, each only if its whole cap fits in what is left of --budget (the
 # memory stage profiles the 7B update itself now)
-EXTRA = ("memory-compiled", "nf4-sweep", "memory-torch", "profile", "memory-nf4")
+EXTRA = ("memory-compiled", "nf4-sweep", "memory-torch", "profile", "memory-nf4", "memory-full")
 
 
 def setup_env(log) -> dict:

@@ -98,7 +98,8 @@ def test_memory_bench_logic_on_cpu(monkeypatch):
     pytest.importorskip("bitsandbytes")
     env = {**__import__("os").environ, "NLA_REF_IN_ROLLOUT": "1"}  # twins, as a 4-bit GPU base runs them
     r = subprocess.run([sys.executable, "bench/memory.py", "--device", "cpu", "--shape", "tiny", "--acts", "2",
-                        "--group", "2", "--max-new", "6", "--steps", "2", "--plans", "ckpt:2,full:2", "--rollout-ab"],
+                        "--group", "2", "--max-new", "6", "--steps", "2", "--plans", "ckpt:2,full:2", "--rollout-ab",
+                        "--profile"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
@@ -106,6 +107,37 @@ def test_memory_bench_logic_on_cpu(monkeypatch):
     assert out.count("[ckpt:2] step") == 2 and out.count("[full:2] step") == 2
     assert "its own forward in the update" in out and "update with the reference forward" in out
     assert "[full:2] RL step" in out
+    assert out.index("profile of one update, plan ckpt:2") < out.index("[full:2] step 0") and "phase (host" in out
     r = subprocess.run([sys.executable, "bench/memory.py", "--device", "cpu", "--shape", "tiny", "--plans", "nope:2"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode != 0 and "bad plan 'nope:2'" in r.stderr
+
+
+def test_profile_tables_from_a_trace(capsys):
+    """The benchmarks' profiles read torch.profiler's exported trace: kernels by device time with
+    the op that launched them (a graph's kernels by the graph launch), ops by self time, phases."""
+    import torch
+
+    from bench.common import profile_ops, trace_tables
+    X = lambda cat, name, ts, dur, tid=1, **args: dict(ph="X", cat=cat, name=name, ts=ts, dur=dur, pid=0, tid=tid,  # noqa: E731
+                                                      args=args)
+    events = [X("user_annotation", "nla.update.ar", 0, 40), X("cpu_op", "aten::linear", 0, 12),
+              X("cpu_op", "aten::mm", 1, 10), X("cuda_runtime", "cudaLaunchKernel", 2, 1, correlation=7),
+              X("kernel", "gemm", 5, 3, tid=7, correlation=7), X("cuda_runtime", "cudaGraphLaunch", 20, 1, correlation=8),
+              X("kernel", "k1", 22, 2, tid=7, correlation=8), X("kernel", "k1", 25, 2, tid=7, correlation=8),
+              X("cpu_op", "aten::add", 30, 4, tid=2), {"ph": "i", "name": "marker", "ts": 3}]
+    device, host, phases = trace_tables(events)
+    assert device == {("gemm", "aten::mm"): [3, 1], ("k1", "-"): [4, 2]}
+    assert host == {"aten::linear": [2, 1], "aten::mm": [10, 1], "aten::add": [4, 1]}
+    assert phases == {"update.ar": [40, 1]}
+
+    x = torch.randn(64, 64)
+
+    def fn():
+        with torch.profiler.record_function("nla.fn"):
+            for _ in range(50):
+                torch.mm(x, x).relu()
+    profile_ops("fn", fn, torch.device("cpu"), 3)
+    out = capsys.readouterr().out
+    top = [ln.split()[1] for ln in out.splitlines() if ln.startswith("prof ")]
+    assert len(top) == 3 and top[0] == "aten::mm" and "phase (host wall ms, calls): fn " in out
