@@ -111,17 +111,31 @@ def sync(dev):
 
 
 class Timer:
+    """Wall seconds of a block, synchronised with the device; on CUDA also how many segments the
+    caching allocator took from the driver meanwhile (`mallocs`: in a steady loop there should be
+    none; each costs a cudaMalloc and, when the cache is full, a flush of it) and `allocs`, a
+    summary for printing."""
+
     def __init__(self, dev):
         self.dev = dev
+        self.mallocs, self.allocs = 0, ""
+
+    def _segments(self) -> tuple[int, int]:
+        st = torch.cuda.memory_stats(self.dev)
+        return st.get("segment.all.allocated", 0), st.get("num_alloc_retries", 0)
 
     def __enter__(self):
         sync(self.dev)
+        self.seg = self._segments() if self.dev.type == "cuda" else (0, 0)
         self.t = time.perf_counter()
         return self
 
     def __exit__(self, *a):
         sync(self.dev)
         self.s = time.perf_counter() - self.t
+        if self.dev.type == "cuda":
+            seg, retries = (b - a for a, b in zip(self.seg, self._segments()))
+            self.mallocs, self.allocs = seg, f"{seg} cudaMalloc" + (f", {retries} cache flushes" if retries else "")
 
 
 def copy_bandwidth(dev) -> float | None:
@@ -167,37 +181,45 @@ def _add(table: dict, key, us: float) -> None:
 
 def trace_tables(events: list[dict]) -> tuple[dict, dict, dict]:
     """A Chrome trace's events (torch.profiler's export) summed by name: device time per (kernel,
-    the op that launched it), self host time per op, host wall time per `nla.` phase; each
-    {key: [microseconds, count]}. Why not `key_averages()`: on the ~10^5 ops of a 7B update it
-    takes minutes of Python (23 s for 1.5e5 small ops on this CPU, against 3 s to export and
-    read back), which is how a GPU stage's cap cut the update's profile before it printed."""
-    device, host, phases, launched_in = {}, {}, {}, {}
-    by_thread = {}
+    the op that launched it) and self host time per op, each {key: [us, count]}, and per `nla.`
+    phase (record_function) {name: [host wall us, device us, count]}: a phase whose kernels ran
+    for far less than its wall time was bound by the host. Why not `key_averages()`: on the ~10^5
+    ops of a 7B update it takes minutes of Python (23 s for 1.5e5 small ops on this CPU, against
+    3 s to export and read back), so a GPU stage's cap can cut the profile before it prints."""
+    device, host, phases, launch, by_thread = {}, {}, {}, {}, {}
     for e in events:
         if e.get("ph") != "X":
             continue
-        cat = e.get("cat", "")
-        if cat == "cpu_op" or (cat in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})):
+        cat, name = e.get("cat", ""), e.get("name", "")
+        mark = cat == "user_annotation" and name.startswith("nla.")
+        if mark:
+            t = phases.setdefault(name[4:], [0.0, 0.0, 0])
+            t[0], t[2] = t[0] + e["dur"], t[2] + 1
+        if mark or cat == "cpu_op" or (cat in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})):
             by_thread.setdefault((e.get("pid"), e.get("tid")), []).append(e)
-        elif cat == "user_annotation" and e["name"].startswith("nla."):
-            _add(phases, e["name"][4:], e["dur"])
-    for evs in by_thread.values():  # one sweep a thread: the op stack gives self times and launchers
-        stack = []
+    for evs in by_thread.values():  # one sweep a thread: open ops give self times and launchers
+        ops, marks = [], []  # open ops [end, name, self us]; open phases [end, name]
         for e in sorted(evs, key=lambda e: (e["ts"], -e.get("dur", 0))):
-            while stack and stack[-1][0] <= e["ts"]:
-                end, name, self_us = stack.pop()
-                _add(host, name, self_us)
-            if e["cat"] != "cpu_op":
-                launched_in[e["args"]["correlation"]] = stack[-1][1] if stack else "-"
-                continue
-            if stack:
-                stack[-1][2] -= e["dur"]
-            stack.append([e["ts"] + e["dur"], e["name"], e["dur"]])
-        for _, name, self_us in stack:
+            while ops and ops[-1][0] <= e["ts"]:
+                _add(host, ops[-1][1], ops.pop()[2])
+            while marks and marks[-1][0] <= e["ts"]:
+                marks.pop()
+            if e["cat"] == "user_annotation":
+                marks.append([e["ts"] + e["dur"], e["name"][4:]])
+            elif e["cat"] == "cpu_op":
+                if ops:
+                    ops[-1][2] -= e["dur"]
+                ops.append([e["ts"] + e["dur"], e["name"], e["dur"]])
+            else:
+                launch[e["args"]["correlation"]] = (ops[-1][1] if ops else "-", marks[-1][1] if marks else None)
+        for _, name, self_us in ops:
             _add(host, name, self_us)
     for e in events:
         if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
-            _add(device, (e["name"], launched_in.get(e.get("args", {}).get("correlation"), "-")), e["dur"])
+            op, phase = launch.get(e.get("args", {}).get("correlation"), ("-", None))
+            _add(device, (e["name"], op), e["dur"])
+            if phase is not None:
+                phases[phase][1] += e["dur"]
     return device, host, phases
 
 
@@ -228,6 +250,7 @@ def profile_ops(what, fn, dev, rows, extra=lambda: ""):
     for key, (us, n) in sorted(table.items(), key=lambda kv: -kv[1][0])[:rows]:
         name = f"{key[0][:50]} [{key[1][:18]}]" if cuda else key[:70]
         print(f"prof {name:67} {us / 1e3:9.1f} {us / total:6.1%} {n:6d}")
-    if phases:
-        print("phase (host wall ms, calls): " + ", ".join(f"{k} {us / 1e3:.1f} ({n})" for k, (us, n) in sorted(phases.items())))
+    if phases:  # where the host's wall time far exceeds the device's, the host was the bound
+        print(f"phase (host wall ms{' / device ms' if cuda else ''}, calls): " + ", ".join(
+            f"{k} {wall / 1e3:.1f}{f' / {busy / 1e3:.1f}' if cuda else ''} ({n})" for k, (wall, busy, n) in sorted(phases.items())))
     print(flush=True)

@@ -64,7 +64,7 @@ STAGES = [
     # 2026-11-27, are measured: their places go to HF generate, which the last run's 220 s cut off)
     ("rl-1.5b", 200, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 2 --rank 64 "
                      f"--micro 32 --loops ours-compiled,hf --modes triton --profile-decode",
-     r"roofline|ours|old eager|HF generate|torch |triton |failed|peak|^prof |^phase"),
+     r"roofline|ours|old eager|HF generate|torch |triton |failed|peak|^prof |^phase|cudaMalloc"),
     # the 7B step with checkpointing (a cold 7B build ~70 s) at micro 16, its update profiled right
     # after (the AR and GRPO phases took 3-4x their earlier times in the last run, with twice the
     # decoder passes: since cut to ~half, nla/shared_prefix.Held), at micro 64 (one chunk: an
@@ -77,7 +77,7 @@ STAGES = [
     # with the modes' order reversed (is the Triton mode's slower AR phase kernels or warm-up?)
     ("profile", 170, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 3 --rank 64 "
                      f"--micro 32 --loops ours-compiled --modes triton,torch --profile --profile-decode --profile-rows 30",
-     r"roofline|ours|torch |triton |profile of"),
+     r"roofline|ours|torch |triton |profile of|cudaMalloc"),
     # where the 7B update's time goes (the AR phase took about as long as the GRPO phase)
     # (the decode step not compiled: the profile is of the update, and a 7B compile takes ~66 s)
     ("memory-profile", 150, f"env NLA_COMPILE_DECODE=0 {PY} bench/memory.py --steps 2 --plans ckpt:16 --profile",

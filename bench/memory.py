@@ -135,7 +135,8 @@ def main():
             grpo_times.append(m["grpo_time"])
             print(f"[{plan}] step {step}: {tr.s + tu.s:.2f}s (rollout {tr.s:.2f}s = {n_tok / tr.s:,.0f} tok/s, AR "
                   f"{m['ar_time']:.2f}s, GRPO {m['grpo_time']:.2f}s), {n_tok} explanation tokens, peak "
-                  f"{peak_gb(dev):.2f} GB", flush=True)
+                  f"{peak_gb(dev):.2f} GB" + (f"; allocator: rollout {tr.allocs}, update {tu.allocs}" if tu.allocs else ""),
+                  flush=True)
         if times:  # the first step of the first plan captures the decode graph
             results.append((plan, min(r + u for r, u in times[1:] or times), peak_gb(dev)))
             rollouts.extend(r for r, _ in times[1:])

@@ -183,10 +183,13 @@ def main():
             with Timer(dev) as tu:
                 m = update(base, spec, head, vecs, samples, opt_av, opt_ar, a.group, 0.01, 0.2, micro=a.micro)
             if step:
-                rows[mode].append((tg.s, tu.s, m["ar_time"], m["grpo_time"]))
+                rows[mode].append((tg.s, tu.s, m["ar_time"], m["grpo_time"], tg.mallocs, tu.mallocs))
     for mode in modes:
         g, u, ar, gr = (statistics.median(r[i] for r in rows[mode]) for i in range(4))
         print(f"{mode:8} {g:10.3f} {u:9.3f} {ar:7.3f} {gr:7.3f} {g + u:8.3f}", flush=True)
+    if dev.type == "cuda":  # after warm-up a step should take nothing new from the driver
+        print("cudaMalloc per step after warm-up (rollout, update): " + "; ".join(
+            f"{mode} " + " ".join(f"({r[4]}, {r[5]})" for r in rows[mode]) for mode in modes), flush=True)
     os.environ.pop("NLA_KERNELS", None)
     if a.profile:
         profile_update(base, spec, head, vecs, opt_av, opt_ar, a, dev, modes)
