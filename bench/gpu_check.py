@@ -12,17 +12,18 @@ failure or hang does not eat the rest, and ends with a one-screen summary:
     rl-smol    bench/rl_step.py on a random SmolLM2-shaped model: our loop / old loop / HF generate, roofline
     rl-1.5b    the same on a random Qwen2.5-1.5B shape (batch 64, cap 150: the issue's targets)
     memory     bench/memory.py: a Qwen2.5-7B-shaped nf4 RL step, time and peak memory, with gradient
-               checkpointing and without; its rollout with the decode step compiled and not
+               checkpointing; its update's and its rollout's kernels; the rollout with the KL
+               reference's twins and without
     nf4        bench/kernels.py --only nf4,sample,attention: the 4-bit decode matmul against
                bitsandbytes, the fused next-token draw against torch.multinomial, the decode attention
                that reads the cache up to its fill against SDPA
     e2e        collect -> train --preset gpu (scaled down) -> explain -> eval on a random model
-    profile, memory-profile, memory-compiled, nf4-sweep, memory-torch, memory-nf4, memory-full
-               diagnoses: the decode step's and the update's kernels at 1.5B, the 7B update's
-               kernels, the 7B step with bitsandbytes' decode step compiled, the nf4 kernel's tiles
-               by device time, the 7B step with torch kernels, the 7B step with its rollout through
-               the nf4 kernel (if the nf4 stage shows the kernel beating bitsandbytes, this is the
-               second call's job, before nf4-sweep), the 7B step without checkpointing
+    profile, memory-compiled, nf4-sweep, memory-torch, memory-nf4, memory-plans
+               diagnoses: the decode step's and the update's kernels at 1.5B, the 7B step with
+               bitsandbytes' decode step compiled, the nf4 kernel's tiles by device time, the 7B
+               step with torch kernels, the 7B step with its rollout through the nf4 kernel (if the
+               nf4 stage shows the kernel beating bitsandbytes, this is the second call's job,
+               before nf4-sweep), the 7B step in one chunk and without checkpointing
 
     python bench/gpu_check.py [--out DIR] [--only STAGE,...|all] [--budget SECONDS] [--dry-run]
 
@@ -65,23 +66,18 @@ STAGES = [
     ("rl-1.5b", 200, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 2 --rank 64 "
                      f"--micro 32 --loops ours-compiled,hf --modes triton --profile-decode",
      r"roofline|ours|old eager|HF generate|torch |triton |failed|peak|^prof |^phase|cudaMalloc"),
-    # the 7B step with checkpointing (a cold 7B build ~70 s) at micro 16, its update profiled right
-    # after (the AR and GRPO phases took 3-4x their earlier times in the last run, with twice the
-    # decoder passes: since cut to ~half, nla/shared_prefix.Held), at micro 64 (one chunk: an
-    # update's fewest passes; each pass of a few rows costs a full pass's launches and dequantising), then the
-    # rollout with the reference's twins and without, and the update with the reference forward
-    # (the plans without checkpointing are stage memory-full)
-    ("memory", 180, f"{PY} bench/memory.py --steps 2 --plans ckpt:16,ckpt:64 --rollout-ab --profile",
+    # the 7B step with checkpointing (a cold 7B build ~70 s) at micro 16, then its update and a
+    # rollout profiled (the AR and GRPO phases took 3-4x their earlier times in the last run, with
+    # twice the decoder passes: since cut to ~half, nla/shared_prefix.Held; the decode step took
+    # ~20 ms, bitsandbytes' products ~7 of them), then the rollout with the reference's twins and
+    # without, and the update with the reference forward (other plans: stage memory-plans)
+    ("memory", 180, f"{PY} bench/memory.py --steps 2 --plans ckpt:16 --rollout-ab --profile",
      r"RL step|peak GPU|step \d|out of|decode step|rollout|reference forward|^phase"),
     # diagnosis, on request: the compiled decode step's kernels, and the update per kernel mode
     # with the modes' order reversed (is the Triton mode's slower AR phase kernels or warm-up?)
     ("profile", 170, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 3 --rank 64 "
                      f"--micro 32 --loops ours-compiled --modes triton,torch --profile --profile-decode --profile-rows 30",
      r"roofline|ours|torch |triton |profile of|cudaMalloc"),
-    # where the 7B update's time goes (the AR phase took about as long as the GRPO phase)
-    # (the decode step not compiled: the profile is of the update, and a 7B compile takes ~66 s)
-    ("memory-profile", 150, f"env NLA_COMPILE_DECODE=0 {PY} bench/memory.py --steps 2 --plans ckpt:16 --profile",
-     r"RL step|decode step|step \d|profile of|^prof |^phase"),
     # which nf4 tile, pipeline depth and code table the H200 likes (the tiles were chosen by
     # instruction counts, which did not predict its speed; all of them kept ~1 program per SM)
     ("nf4-sweep", 120, f"{PY} bench/kernels.py --only nf4-sweep", r"best|copy bandwidth"),
@@ -95,10 +91,12 @@ STAGES = [
     # waits where it is issued) beating bitsandbytes
     ("memory-nf4", 200, f"env NLA_KERNELS=triton {PY} bench/memory.py --steps 2 --plans ckpt:64",
      r"RL step|decode step|step \d|peak GPU"),
-    # the 7B step without checkpointing: one forward fewer per backward, a third of the update's
-    # FLOPs, for ~8.5 MB of stored activations a token (302 KB a layer, counted on a CPU: tenth
-    # session's RESULTS): 4 rows of 150 tokens ~5 GB, 8 rows ~10 GB (with the rest, past 20 GB)
-    ("memory-full", 150, f"{PY} bench/memory.py --steps 2 --plans full:4,full:8",
+    # the 7B step's other plans: micro 64 with checkpointing (one chunk: an update's fewest passes;
+    # each pass of a few rows costs a full pass's launches and dequantising), and no checkpointing
+    # (one forward fewer per backward, a third of the update's FLOPs, for ~8.5 MB of stored
+    # activations a token, 302 KB a layer counted on a CPU: tenth session's RESULTS; 4 rows of 150
+    # tokens ~5 GB, 8 rows ~10 GB, with the rest past 20 GB)
+    ("memory-plans", 200, f"{PY} bench/memory.py --steps 2 --plans ckpt:64,full:4,full:8",
      r"RL step|peak GPU|step \d|out of"),
     ("e2e", 100, "bash -c " + shlex.quote(
         f"set -e; {PY} bench/gpu_check.py --make-random-model {RANDOM_MODEL}; D=/tmp/nla-gpu-check; "
@@ -121,7 +119,7 @@ DEFAULT = ("parity", "nf4", "rl-1.5b", "memory")
 FALLBACK = {"rl-1.5b": ("nf4", "env NLA_KERNELS=torch "), "memory": ("nf4", "env NLA_KERNELS=torch ")}
 # run after the chosen stages, each only if its whole cap fits in what is left of --budget (the
 # memory stage profiles the 7B update itself now)
-EXTRA = ("memory-compiled", "nf4-sweep", "memory-torch", "profile", "memory-nf4", "memory-full")
+EXTRA = ("memory-compiled", "nf4-sweep", "memory-torch", "profile", "memory-nf4", "memory-plans")
 
 
 def setup_env(log) -> dict:

@@ -22,9 +22,10 @@ the policy's rows). `--rollout-ab` then times the rollout with the step captured
 with twins and without, and the last plan's update when it must run the reference forward.
 `--device cpu --shape tiny` runs all of that in seconds on a CPU (no memory figures): a check of
 the script itself before it spends a lent GPU's minutes (tests/test_gpu_path.py). `--profile`
-prints the top kernels of one more update of the first plan, right after its steps (where does the
-AR phase's time go at 7B? It took about as long as the GRPO phase, which runs more layers and more
-passes).
+prints the top kernels of one more update of the first plan and of one rollout, right after that
+plan's steps (where does the AR phase's time go at 7B? It took about as long as the GRPO phase,
+which runs more layers and more passes. And a 4-bit decode step took ~20 ms where bitsandbytes'
+products, timed alone, add up to ~7).
 """
 import os
 import sys
@@ -87,7 +88,7 @@ def main():
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rollout-ab", action="store_true", help="then the rollout not compiled, with twins and without")
-    ap.add_argument("--profile", action="store_true", help="profile one more update of the first plan, after its steps: its top kernels")
+    ap.add_argument("--profile", action="store_true", help="profile one more update of the first plan, and a rollout, after its steps: their top kernels")
     ap.add_argument("--device", default="cuda", help="cpu: the script's logic on a small --shape (fp32; no memory figures)")
     a = ap.parse_args()
     dev = torch.device(a.device)
@@ -141,12 +142,15 @@ def main():
             results.append((plan, min(r + u for r, u in times[1:] or times), peak_gb(dev)))
             rollouts.extend(r for r, _ in times[1:])
             summary(results[-1:], dev)  # now too: a stage cut short by its time cap keeps it
-        if a.profile and len(results) == 1 and times:  # the first plan's update, before the later
-            all_closed(samples)  # plans: a stage cut short by its cap still has it
+        if a.profile and len(results) == 1 and times:  # the first plan's update and a rollout, before
+            all_closed(samples)  # the later plans: a stage cut short by its cap still has them
             m = {}
             profile_ops(f"one update, plan {plan}", lambda: m.update(update(
                 base, spec, head, vecs, samples, opt_av, opt_ar, a.group, 0.01, 0.2, micro=micro)), dev, 30,
                 lambda: f"AR {m['ar_time']:.3f} s, GRPO {m['grpo_time']:.3f} s under the profiler")
+            g = torch.Generator(device=dev).manual_seed(0)
+            profile_ops(f"one rollout ({how_decoded(base)}, {twins(base, len(vecs), a.group)})",
+                        lambda: rollout(base, spec, vecs, a.max_new, 1.0, g, G=a.group), dev, 25)
     if a.rollout_ab and rollouts:
         # what the defaults are worth here: the rollout with its step captured but not compiled, with
         # and without the reference's twins, and the update that then runs the reference forward
