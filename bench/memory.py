@@ -25,7 +25,7 @@ the script itself before it spends a lent GPU's minutes (tests/test_gpu_path.py)
 prints the top kernels of one more update of the first plan and of one rollout, right after that
 plan's steps (where does the AR phase's time go at 7B? It took about as long as the GRPO phase,
 which runs more layers and more passes. And a 4-bit decode step took ~20 ms where bitsandbytes'
-products, timed alone, add up to ~7).
+products, timed alone, add up to ~13).
 """
 import os
 import sys
