@@ -69,8 +69,9 @@ STAGES = [
     # the 7B step with checkpointing (a cold 7B build ~70 s) at micro 16, then its update and a
     # rollout profiled (the AR and GRPO phases took 3-4x their earlier times in the last run, with
     # twice the decoder passes: since cut to ~half, nla/shared_prefix.Held; the decode step took
-    # ~20 ms, bitsandbytes' products, timed alone, ~13 of them), then the rollout with the reference's twins and
-    # without, and the update with the reference forward (other plans: stage memory-plans)
+    # ~20 ms, bitsandbytes' products, timed alone, ~13 of them), then the rollout with the
+    # reference's twins and without, and the update with the reference forward (other plans:
+    # stage memory-plans)
     ("memory", 180, f"{PY} bench/memory.py --steps 2 --plans ckpt:16 --rollout-ab --profile",
      r"RL step|peak GPU|step \d|out of|decode step|rollout|reference forward|^phase"),
     # diagnosis, on request: the compiled decode step's kernels, and the update per kernel mode
