@@ -34,7 +34,8 @@ and work on making it pay.
 Format (bitsandbytes, quant_type nf4): W [N, K] flattened row-major; byte i holds elements 2i
 (high nibble) and 2i+1 (low nibble); element e is scaled by absmax[e // blocksize]. Double
 quantisation (8-bit absmax) is undone once per weight by `prepare`: 4 bytes per 64 weights.
-Sampling only (no autograd); training keeps bitsandbytes' own path.
+The kernel samples only (no autograd); everything else, training included, goes through
+bitsandbytes' own op with those scales (`bnb_linear`).
 """
 from __future__ import annotations
 
@@ -117,9 +118,47 @@ def usable(x, packed) -> bool:
 
 
 def nf4_linear(x, module, prepared: tuple):
-    """module(x) for a bitsandbytes nf4 Linear4bit, through the kernel where it is asked for and
-    can serve, else through bitsandbytes."""
-    return nf4_linear_triton(x, *prepared, bias=module.bias) if usable(x, prepared[0]) else module(x)
+    """module(x) for a bitsandbytes nf4 Linear4bit (`prepared` = prepare(module)), differentiable in
+    x: through the kernel where it is asked for and can serve, else through bitsandbytes' own op."""
+    if usable(x, prepared[0]):
+        return nf4_linear_triton(x, *prepared, bias=module.bias)
+    dt = module.compute_dtype or x.dtype
+    if x.dtype == dt and (module.bias is None or module.bias.dtype == dt):
+        return bnb_linear(x, prepared, module.bias)
+    return module(x)  # bitsandbytes casts in and out; our bases compute in the weights' dtype
+
+
+# ---------------------------------------------------------------- bitsandbytes' op, scales undone once
+def _gemm(x, prepared, bias):
+    packed, absmax, _, N, K, blocksize = prepared
+    return torch.ops.bitsandbytes.gemm_4bit.default(x, packed.view(-1, 1), (N, K), absmax, blocksize, "nf4",
+                                                    bias=bias)
+
+
+class _BnbLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, prepared, bias):
+        ctx.prepared = prepared  # frozen weights: held, not saved (nothing for checkpointing to pack)
+        return _gemm(x, prepared, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        packed, absmax, _, N, K, blocksize = ctx.prepared
+        w = torch.ops.bitsandbytes.dequantize_4bit.default(packed.view(-1, 1), absmax, blocksize, "nf4", (N, K), g.dtype)
+        return g @ w, None, None
+
+
+def bnb_linear(x, prepared: tuple, bias=None):
+    """x W^T (+ bias) through bitsandbytes' gemm op: its own choice per GPU and size between its
+    fused 4-bit kernel and dequantise-then-GEMM, and a Linear4bit's numbers to the bit, but with the
+    block scales undone once (`prepare`: 4 bytes per 64 weights, ~0.4 GB at 7B), where a Linear4bit
+    with double quantisation undoes them at every call (two more kernels wherever it dequantises
+    before its GEMM: at training sizes always, three times a projection per checkpointed pass; at
+    decode sizes on an H100/H200) under three more layers of Python. The gradient in x as bitsandbytes takes it: dequantise, then a GEMM. Rows of sibling
+    projections (lora._NF4Group) are one weight here."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _BnbLinear.apply(x, prepared, bias)
+    return _gemm(x, prepared, bias)
 
 
 # ---------------------------------------------------------------- triton

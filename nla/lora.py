@@ -12,8 +12,8 @@ plus an add; on a 4-bit base (nothing to merge into) the adapters are cast to th
 The merged copies of projections that read the same input (q/k/v, gate/up) are rows of one
 buffer, and on a GPU the first of them to see an input computes all of their outputs in one GEMM:
 at decode sizes the small k and v projections are latency-bound (5 us for 0.8 MB on an H200).
-A 4-bit base's siblings likewise become one nf4 weight for the decode kernel (their bytes moved
-into one buffer that bitsandbytes' weights are views of). `NLA_FUSED_SAMPLING=0|1` overrides (a
+A 4-bit base's siblings likewise become one nf4 weight, one product through the decode kernel or
+bitsandbytes' op (their bytes moved into one buffer that bitsandbytes' weights are views of). `NLA_FUSED_SAMPLING=0|1` overrides (a
 CPU's GEMMs are compute-bound: there it is off).
 
 The switch is state outside the autograd graph, so gradient checkpointing must replay it: a
@@ -80,20 +80,20 @@ class LoRALinear(nn.Module):
         self.merged_role: str | None = None
         self.group: _Group | None = None  # siblings reading the same input, merged into one buffer
         self.span = (0, 0)  # this projection's rows in the group's buffer
-        self.nf4: tuple | None = None  # a 4-bit base's weight as the decode kernel reads it (kernels.nf4)
+        self.nf4: tuple | None = None  # a 4-bit base's weight as kernels.nf4 reads it; () for any other
         self.paired: tuple | None = None  # two roles' A^T [2, in, r] and (s B)^T [2, r, out], for side_by_side
 
     def forward(self, x):
         sw = self.switch
         if sw.pair:  # two roles' rows: one base product, then each half of the rows its own adapter
-            y = self._sampling_product(x)
+            y = self._product(x)
             At, Bt = self.paired
             out = torch.baddbmm(y.reshape(2, -1, y.shape[-1]), torch.bmm(x.reshape(2, -1, x.shape[-1]), At), Bt)
             return out.view(y.shape)
         if sw.fast and self.merged is not None and self.merged_role == sw.active and self.merged.dtype == x.dtype:
             y = self._from_group(x)
             return y if y is not None else nn.functional.linear(x, self.merged, self.base.bias)
-        y = self._sampling_product(x) if sw.fast else self.base(x)
+        y = self._product(x)
         a = self.adapters[sw.active] if sw.active in self.adapters else None
         if a is None:
             return y
@@ -121,12 +121,16 @@ class LoRALinear(nn.Module):
             g.x = g.z = None  # product extra outputs of a compiled step)
         return out
 
-    def _sampling_product(self, x):
-        """x W^T (+ bias) while sampling: a 4-bit weight through kernels.nf4 (with its siblings
-        where they are grouped), anything else through the base."""
+    def _product(self, x):
+        """x W^T (+ bias): a 4-bit weight through kernels.nf4 (its kernel where asked for, else
+        bitsandbytes' op with the scales undone once; while sampling with its siblings where they
+        are grouped), anything else through the base."""
+        if self.nf4 is None:  # once: the base is frozen (normal tensors even if first met in inference mode)
+            with torch.inference_mode(False), torch.no_grad():
+                self.nf4 = kernels.nf4_prepare(self.base) or ()
         if not self.nf4:
             return self.base(x)
-        y = self._from_group(x)
+        y = self._from_group(x) if self.switch.fast or self.switch.pair else None
         return y if y is not None else kernels.nf4_linear(x, self.base, self.nf4)
 
 
@@ -258,11 +262,10 @@ def _groups(model: nn.Module) -> list[_Group]:
 
 
 class _NF4Group(_Siblings):
-    """Sibling projections of a 4-bit base as one nf4 weight for the decode kernel: their packed
-    nibbles are moved into one buffer, of which each bitsandbytes weight is now a view (no copy
-    kept: bitsandbytes' own path reads the same bytes), and their block scales likewise. So a
-    decode step launches one kernel for q/k/v and one for gate/up; at decode sizes the k and v
-    products alone are latency-bound."""
+    """Sibling projections of a 4-bit base as one nf4 weight: their packed nibbles are moved into
+    one buffer, of which each bitsandbytes weight is now a view (no copy kept), and their block
+    scales likewise. So a decode step runs one product for q/k/v and one for gate/up (the decode
+    kernel, else bitsandbytes' op); at decode sizes the k and v products alone are latency-bound."""
 
     def __init__(self, members: list[LoRALinear]):
         super().__init__(members)
@@ -296,17 +299,19 @@ class _NF4Group(_Siblings):
             [b.detach() if b is not None else b0.new_zeros(m.out_features) for b, m in zip(biases, ms)])
 
     def product(self, x):
-        if not kernels.nf4.usable(x, self.prepared[0]):
-            return None
-        return kernels.nf4.nf4_linear_triton(x, *self.prepared, bias=self.bias)
+        if kernels.nf4.usable(x, self.prepared[0]):
+            return kernels.nf4.nf4_linear_triton(x, *self.prepared, bias=self.bias)
+        if x.dtype != (self.members[0].base.compute_dtype or x.dtype) or (self.bias is not None and self.bias.dtype != x.dtype):
+            return None  # bitsandbytes would cast: each member computes alone (kernels.nf4_linear)
+        return kernels.nf4.bnb_linear(x, self.prepared, self.bias)
 
 
 def _nf4_groups(model: nn.Module) -> list[_NF4Group]:
-    """Siblings whose 4-bit weights the decode kernel reads and can stack: the same input width,
-    block size, scale dtype, device and code."""
+    """Siblings whose 4-bit weights can stack: the same input width, block size, scale and compute
+    dtypes, device and code."""
     def same(m):
         q = m.base.weight.quant_state
-        return m.in_features, q.blocksize, q.dtype, m.base.weight.device, tuple(q.code.tolist())
+        return m.in_features, q.blocksize, q.dtype, m.base.compute_dtype, m.base.weight.device, tuple(q.code.tolist())
     return _find(model, "_nla_nf4_groups", _NF4Group, lambda m: kernels.nf4.servable(m.base), same)
 
 
@@ -318,17 +323,15 @@ def _fused_wanted(device: torch.device) -> bool:
 
 
 def _prepare_nf4(model: nn.Module) -> None:
-    """The decode kernel's view of every 4-bit projection, grouped where siblings can be (once:
-    the base is frozen), and the groups live or not for this call. Nothing where the kernel is not
-    asked for (kernels.nf4.enabled): bitsandbytes' weights stay where they are."""
+    """Every 4-bit projection as kernels.nf4 reads it, grouped where siblings can be (once: the
+    base is frozen), and the groups live or not for this call."""
     mods = _wrapped(model)
-    if not mods or not kernels.nf4.enabled() or not any(kernels.nf4.servable(m.base) for _, m in mods):
-        return
-    fused = _fused_wanted(mods[0][1].base.weight.device)
-    for g in _nf4_groups(model):
-        g.allocate()
-        g.reset(fused)
-    for _, m in mods:
+    if any(kernels.nf4.servable(m.base) for _, m in mods):
+        fused = _fused_wanted(mods[0][1].base.weight.device)
+        for g in _nf4_groups(model):
+            g.allocate()
+            g.reset(fused)
+    for _, m in mods:  # every one, so a compiled step never meets the lazy preparation in _product
         if m.nf4 is None:
             m.nf4 = kernels.nf4_prepare(m.base) or ()
 

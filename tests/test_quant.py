@@ -66,6 +66,78 @@ def test_backward_through_4bit_matches_dequantised_weight():
         torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_bnb_linear_is_a_linear4bit():
+    """kernels.nf4.bnb_linear (bitsandbytes' op, the block scales undone once) gives a Linear4bit's
+    outputs and input gradients exactly: double quantisation, a bias, any leading shape."""
+    import kernels
+    torch.manual_seed(0)
+    q = bnb.nn.Linear4bit(192, 40, bias=True, quant_type="nf4", compute_dtype=torch.float32, compress_statistics=True)
+    q.weight = bnb.nn.Params4bit(torch.randn(40, 192), requires_grad=False, quant_type="nf4", compress_statistics=True)
+    q.bias = torch.nn.Parameter(torch.randn(40), requires_grad=False)
+    q = q.to("cpu")  # quantises
+    q.support_avx512bf16_for_cpu = False  # as load_base sets it: no repacking for bitsandbytes' CPU kernel
+    prepared = kernels.nf4_prepare(q)
+    assert q.weight.quant_state.nested
+    for shape in [(3, 7, 192), (1, 192), (5, 192)]:
+        x = torch.randn(*shape, requires_grad=True)
+        y = q(x)
+        g = torch.randn_like(y)
+        y.backward(g)
+        x2 = x.detach().clone().requires_grad_()
+        y2 = kernels.nf4.bnb_linear(x2, prepared, q.bias)
+        y2.backward(g)
+        assert torch.equal(y, y2) and torch.equal(x.grad, x2.grad)
+        with torch.no_grad():
+            assert torch.equal(q(x), kernels.nf4.bnb_linear(x, prepared, q.bias))
+
+
+def test_4bit_training_through_bitsandbytes_op_is_exact(tiny_path, monkeypatch, count_calls):
+    """A 4-bit base's projections train through kernels.nf4.bnb_linear: the AR's and the AV's
+    gradients equal those through bitsandbytes' Linear4bit, with checkpointing."""
+    import warnings
+
+    import kernels
+    from test_checkpointing import _ar_and_av_grads
+    warnings.simplefilter("ignore")
+    calls = count_calls(kernels.nf4, "bnb_linear")
+    ours = _ar_and_av_grads(tiny_path, True, "replace", quant=True)
+    assert calls
+    monkeypatch.setattr(kernels.nf4, "servable", lambda m: False)  # every projection through its Linear4bit
+    n = len(calls)
+    theirs = _ar_and_av_grads(tiny_path, True, "replace", quant=True)
+    assert len(calls) == n
+    for a, b in zip(ours[0] + ours[1], theirs[0] + theirs[1]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fused", ["0", "1"])
+def test_sampling_through_bitsandbytes_op(tiny_path, monkeypatch, av_on, count_calls, fused):
+    """Without the decode kernel a 4-bit base samples through bitsandbytes' op with the block
+    scales undone once; fused (a GPU's default), q/k/v and gate/up are one product each. Either
+    way the ids are those of its Linear4bits, greedy and sampled."""
+    import kernels
+    from nla.verbalizer import generate
+    monkeypatch.setenv("NLA_KERNELS", "torch")  # no decode kernel
+    monkeypatch.setenv("NLA_FUSED_SAMPLING", fused)
+    calls = count_calls(kernels.nf4, "bnb_linear")
+    out = []
+    for plain in (False, True):
+        if plain:  # every projection through its Linear4bit
+            monkeypatch.setattr(kernels.nf4, "servable", lambda m: False)
+        q = av_on(load_base(tiny_path, device="cpu", dtype=torch.float16, load_in_4bit=True))
+        spec = build_spec(q, 2, {"injection_scale": 3.0, "mse_mean": {"train": 1.5}}, "replace", 4, 4)
+        v = torch.randn(2, q.d_model, generator=torch.Generator().manual_seed(1)).repeat_interleave(2, 0)
+        out.append([[s.ids for s in generate(q, spec, v, 8, t, generator=torch.Generator().manual_seed(5))]
+                    for t in (0.0, 1.0)])
+        if not plain:  # every projection (fused: q/k/v and gate/up as one) of the decode steps and
+            # prompt levels of both rollouts; the plain run adds none
+            assert len(calls) == (4 if fused == "1" else 7) * q.n_layers * (7 + 2) * 2
+            groups = q.model.__dict__.get("_nla_nf4_groups", [])
+            assert len(groups) == 2 * q.n_layers and all(g.live == (fused == "1") for g in groups)
+    assert len(calls) == (4 if fused == "1" else 7) * q.n_layers * (7 + 2) * 2
+    assert out[0] == out[1]
+
+
 @pytest.mark.parametrize("fused", ["0", "1"])
 def test_sampling_through_the_nf4_decode_kernel(tiny_path, monkeypatch, av_on, count_calls, fused):
     """A rollout on a 4-bit base: the decode steps' projections go through kernels.nf4 (Triton,
