@@ -43,6 +43,7 @@ class _Switch:
     add: tuple | None = None
     fast: bool = False  # sampling: merged weights or compute-dtype adapter copies (see inference_weights)
     pair: bool = False  # two roles' rows side by side, each half of the batch its own (see side_by_side)
+    attached: bool = False  # adapters attached (asked at every `use`: cheaper than a walk over the modules)
 
     def snapshot(self) -> tuple:
         return self.active, self.add
@@ -156,6 +157,7 @@ def attach(model: nn.Module, roles: dict[str, int], alpha_over_rank: float = 2.0
             for child_name, child in list(mod.named_children()):
                 if child_name in targets and hasattr(child, "in_features") and not isinstance(child, LoRALinear):
                     setattr(mod, child_name, LoRALinear(child, switch))
+    switch.attached = bool(_wrapped(model))
     dev = model.get_input_embeddings().weight.device
     for _, m in _wrapped(model):
         for role, rank in roles.items():
@@ -166,9 +168,9 @@ def attach(model: nn.Module, roles: dict[str, int], alpha_over_rank: float = 2.0
 @contextlib.contextmanager
 def use(model: nn.Module, role: str | None):
     """Run the block with adapter `role` live (None = the plain target model)."""
-    if role is not None and not _wrapped(model):
-        raise RuntimeError(f"no adapters attached; cannot use role {role!r}")
     switch = switch_of(model)
+    if role is not None and not switch.attached:
+        raise RuntimeError(f"no adapters attached; cannot use role {role!r}")
     prev, switch.active = switch.active, role
     try:
         yield

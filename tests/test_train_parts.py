@@ -93,6 +93,11 @@ def test_adapters_switch_save_and_copy(nla_base):
         torch.testing.assert_close(model(ids).logits, changed)
     with pytest.raises(ValueError):
         lora.load_state(model, "ar", {"x.A": torch.zeros(1)})
+    bare = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with pytest.raises(RuntimeError, match="no adapters attached"), lora.use(bare, "av"):
+        pass
+    with lora.use(bare, None):  # the plain model needs none
+        pass
 
 
 def test_ar_identity_head_and_grads_reach_only_ar(nla_base):
