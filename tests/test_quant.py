@@ -91,6 +91,37 @@ def test_bnb_linear_is_a_linear4bit():
             assert torch.equal(q(x), kernels.nf4.bnb_linear(x, prepared, q.bias))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rows", [1, 16, 64, 128, 700])
+def test_bnb_linear_on_cuda(rows):
+    """On a GPU bitsandbytes picks its fused kernel or dequantise-then-GEMM by size; either way
+    bnb_linear, alone and with siblings stacked as one weight (lora._NF4Group's layout), gives a
+    Linear4bit's outputs and input gradients (bf16; the fused kernel may round the scales
+    differently, so to bf16 rounding, not to the bit)."""
+    import kernels
+    torch.manual_seed(0)
+    qs = []
+    for n in (512, 256, 256):  # q, k, v
+        q = bnb.nn.Linear4bit(384, n, bias=True, quant_type="nf4", compute_dtype=torch.bfloat16, compress_statistics=True)
+        q.weight = bnb.nn.Params4bit(torch.randn(n, 384, dtype=torch.bfloat16), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True)
+        q.bias = torch.nn.Parameter(torch.randn(n, dtype=torch.bfloat16), requires_grad=False)
+        qs.append(q.cuda())
+    x = torch.randn(rows, 384, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    preps = [kernels.nf4_prepare(q) for q in qs]
+    stacked = (torch.cat([p[0] for p in preps]), torch.cat([p[1] for p in preps]), preps[0][2], 1024, 384, 64)
+    bias = torch.cat([q.bias for q in qs])
+    want = torch.cat([q(x) for q in qs], -1)
+    g = torch.randn_like(want)
+    (gx_want,) = torch.autograd.grad(want, x, g)
+    for got in (torch.cat([kernels.nf4.bnb_linear(x, p, q.bias) for p, q in zip(preps, qs)], -1),
+                kernels.nf4.bnb_linear(x, stacked, bias)):
+        (gx,) = torch.autograd.grad(got, x, g)
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(gx, gx_want, rtol=2e-2, atol=5e-2)
+
+
 def test_4bit_training_through_bitsandbytes_op_is_exact(tiny_path, monkeypatch, count_calls):
     """A 4-bit base's projections train through kernels.nf4.bnb_linear: the AR's and the AV's
     gradients equal those through bitsandbytes' Linear4bit, with checkpointing."""
