@@ -19,8 +19,10 @@ comparison, or if a capture ever misbehaves: a failed capture falls back to eage
 On CUDA the step is also compiled with torch.compile before it is captured: Inductor fuses the
 ~75 small kernels per block (norms, rotary, LoRA adds) that a graph still launches one by one
 (measured on an H200, 1.5B shape, batch 64: 6.1k -> 9.9k tokens/s), at the price of one compile
-per (batch, length) shape. A 4-bit base compiles too when every quantised weight of the step
-goes through kernels.nf4 (a torch op; bitsandbytes' own ops are not known to compile);
+per (batch, length) shape. A 4-bit base compiles by default only when every quantised weight
+of the step goes through the nf4 decode kernel (kernels.nf4, asked for by NLA_KERNELS=triton);
+through bitsandbytes' op the step compiles whole as well (tested on CPU), but whether that pays
+for a 7B compile (the nf4 kernel's took ~66 s) is not measured yet (bench/gpu_check.py's memory-compiled stage);
 `NLA_COMPILE_DECODE=0|1` overrides. A failed compile falls back to the graph alone, a failed
 capture to eager.
 
@@ -140,8 +142,8 @@ def _quantised(m) -> bool:
 
 
 def _all_nf4_kernel(model, n: int, dtype: torch.dtype) -> bool:
-    """Does a decode step of n rows read every quantised weight through kernels.nf4 (a torch op,
-    which compiles) and none through bitsandbytes (whose ops are not known to)? So: the kernel is
+    """Does a decode step of n rows read every quantised weight through the nf4 decode kernel (so
+    compiling it is the default: what the kernel was timed as)? So: the kernel is
     asked for (kernels.nf4.enabled: off by default, it loses to bitsandbytes), every
     quantised module is an adapted projection in nf4, the rows fit the kernel, and sampling runs
     in a low-precision dtype (lora.inference_weights: an fp32 base samples through the plain path)
