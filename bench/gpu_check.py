@@ -83,9 +83,9 @@ STAGES = [
     # which nf4 tile, pipeline depth and code table the H200 likes (the tiles were chosen by
     # instruction counts, which did not predict its speed; all of them kept ~1 program per SM)
     ("nf4-sweep", 120, f"{PY} bench/kernels.py --only nf4-sweep", r"best|copy bandwidth"),
-    # does bitsandbytes' 4-bit decode step pay for a compile (not by default; the nf4 kernel's 7B step
-    # took ~66 s to compile)? Through
-    # its gemm op (kernels.nf4.bnb_linear) the twins' step traces whole on a CPU, one graph
+    # does bitsandbytes' 4-bit decode step pay for a compile (not by default; the nf4 kernel's 7B
+    # step took ~66 s to compile)? Through its gemm op (kernels.nf4.bnb_linear) the twins' step
+    # traces whole on a CPU, one graph
     ("memory-compiled", 200, f"env NLA_COMPILE_DECODE=1 {PY} bench/memory.py --steps 2 --plans ckpt:64",
      r"RL step|decode step|step \d|peak GPU"),
     ("memory-torch", 100, f"env NLA_KERNELS=torch {PY} bench/memory.py --steps 3", r"RL step|peak GPU|step \d"),
