@@ -16,6 +16,10 @@ from nla.spec import build_spec
 SHAPES = {  # name: (HF config class, fields, the layer we read)
     "tiny": ("LlamaConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                                  num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True), 2),  # CPU checks of a bench's logic
+    # Qwen2.5-7B's depth with widths of 64: a CPU runs its update in ~1 s of almost pure host
+    # cost (ops dispatched, Python), what a GPU's host pays for the real 7B before any arithmetic
+    "thin-7b": ("Qwen2Config", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=28, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=False), 20),
     "smollm2": ("LlamaConfig", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                                     num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True), 20),
     "qwen2.5-1.5b": ("Qwen2Config", dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
