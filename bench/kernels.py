@@ -208,14 +208,15 @@ def _nf4_table(table: str):
 
 
 def bench_nf4(rows, dev):
-    """A decode step's projections of a Qwen2.5-7B-shaped nf4 base: bitsandbytes' path (a bf16
-    copy of the weight, then a GEMM), our kernel, and a plain bf16 GEMM (what a full-precision
-    base reads). GB/s counts the nf4 bytes the kernel must read (weight + fp32 scales). Ours
+    """A decode step's projections of a Qwen2.5-7B-shaped nf4 base: a Linear4bit (bitsandbytes' path:
+    a bf16 copy of the weight, then a GEMM, at these sizes on an H100/H200), our kernel, a plain bf16
+    GEMM (what a full-precision base reads), and bitsandbytes' op with the scales undone once
+    (kernels.nf4.bnb_linear: what a 4-bit rollout now runs without the kernel). GB/s counts the nf4 bytes the kernel must read (weight + fp32 scales). Ours
     includes reordering the activations (kernels.nf4.evens_then_odds: a small copy here, which a
     compiled decode step fuses into the op that makes them)."""
     print("\nnf4 decode matmul (Qwen2.5-7B shapes): bitsandbytes vs kernels.nf4, and a bf16 GEMM for scale")
     print(f"{'projection':16} {'rows x N x K':28} {'bnb ms':>9} {'triton ms':>9} {'speedup':>8}  nf4 GB/s, bf16 GEMM ms, "
-          f"codes-table ms (NLA_NF4_TABLE=codes)")
+          f"codes-table ms (NLA_NF4_TABLE=codes), bitsandbytes' op with the scales undone once ms (the default)")
     for name, N, K in (("q/o", 3584, 3584), ("k/v", 512, 3584), ("gate/up", 18944, 3584), ("down", 3584, 18944)):
         q, p, gb = _nf4_layer(N, K, dev)
         w = kernels.nf4.dequantize_torch(*p, torch.bfloat16)
@@ -227,9 +228,10 @@ def bench_nf4(rows, dev):
                 g_ms, gg = graph_ms(lambda: torch.nn.functional.linear(x, w))
                 with _nf4_table("codes"):
                     c_ms, cg = graph_ms(lambda: kernels.nf4_linear_triton(x, *p))
+                o_ms, og = graph_ms(lambda: kernels.nf4.bnb_linear(x, p))
             print(f"{name:16} {f'{m} x {N} x {K}':28} {t_ms:9.3f} {k_ms:9.3f} {t_ms / k_ms:7.2f}x  "
                   f"{gb / k_ms / 1e6:6.0f} GB/s ({gb / k_ms / 1e6 / PEAK:.0%} of copy), {g_ms:.3f}, {c_ms:.3f} "
-                  f"({t_ms / c_ms:.2f}x bnb)  {_how(tg, kg, gg, cg)}")
+                  f"({t_ms / c_ms:.2f}x bnb), {o_ms:.3f} ({t_ms / o_ms:.2f}x)  {_how(tg, kg, gg, cg, og)}")
         del q, p, w
         torch.cuda.empty_cache()
 
