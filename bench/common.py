@@ -244,8 +244,12 @@ def profile_ops(what, fn, dev, rows, extra=lambda: ""):
     with tempfile.TemporaryDirectory() as d:
         prof.export_chrome_trace(f"{d}/trace.json")
         with open(f"{d}/trace.json") as f:
-            device, host, phases = trace_tables(json.load(f)["traceEvents"])
+            events = json.load(f)["traceEvents"]
+    device, host, phases = trace_tables(events)
     table = device if cuda else host
+    if not table:  # a trace laid out otherwise than trace_tables expects: say what it holds
+        cats = sorted({e.get("cat", "") for e in events if e.get("ph") == "X"})
+        print(f"\nprofile of {what}: no {'kernel' if cuda else 'cpu_op'} events in the trace (categories: {cats})")
     total = sum(us for us, _ in table.values()) or 1.0
     note = extra()
     print(f"\nprofile of {what}{' (' + note + ')' if note else ''}, top {'kernels' if cuda else 'ops'} by "
