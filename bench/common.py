@@ -259,6 +259,7 @@ def profile_ops(what, fn, dev, rows, extra=lambda: ""):
         name = f"{key[0][:50]} [{key[1][:18]}]" if cuda else key[:70]
         print(f"prof {name:67} {us / 1e3:9.1f} {us / total:6.1%} {n:6d}")
     if phases:  # where the host's wall time far exceeds the device's, the host was the bound
-        print(f"phase (host wall ms{' / device ms' if cuda else ''}, calls): " + ", ".join(
-            f"{k} {wall / 1e3:.1f}{f' / {busy / 1e3:.1f}' if cuda else ''} ({n})" for k, (wall, busy, n) in sorted(phases.items())))
+        cells = [f"{k} {wall / 1e3:.1f}{f' / {busy / 1e3:.1f}' if cuda else ''} ({n})"
+                 for k, (wall, busy, n) in sorted(phases.items())]
+        print(f"phase (host wall ms{' / device ms' if cuda else ''}, calls): " + ", ".join(cells))
     print(flush=True)

@@ -90,7 +90,8 @@ def main():
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rollout-ab", action="store_true", help="then the rollout not compiled, with twins and without")
-    ap.add_argument("--profile", action="store_true", help="profile one more update of the first plan, and a rollout, after its steps: their top kernels")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile one more update of the first plan, and a rollout, after its steps: their top kernels")
     ap.add_argument("--device", default="cuda", help="cpu: the script's logic on a small --shape (fp32; no memory figures)")
     a = ap.parse_args()
     dev = torch.device(a.device)
@@ -138,8 +139,8 @@ def main():
             grpo_times.append(m["grpo_time"])
             print(f"[{plan}] step {step}: {tr.s + tu.s:.2f}s (rollout {tr.s:.2f}s = {n_tok / tr.s:,.0f} tok/s, AR "
                   f"{m['ar_time']:.2f}s, GRPO {m['grpo_time']:.2f}s), {n_tok} explanation tokens, peak "
-                  f"{peak_gb(dev):.2f} GB" + (f"; allocator: rollout {tr.allocs}, update {tu.allocs}" if tu.allocs else ""),
-                  flush=True)
+                  f"{peak_gb(dev):.2f} GB" + (f"; allocator: rollout {tr.allocs}, update {tu.allocs}"
+                                              if tu.allocs else ""), flush=True)
         if times:  # the first step of the first plan captures the decode graph
             results.append((plan, min(r + u for r, u in times[1:] or times), peak_gb(dev)))
             rollouts.extend(r for r, _ in times[1:])

@@ -122,10 +122,15 @@ def nf4_linear(x, module, prepared: tuple):
     x: through the kernel where it is asked for and can serve, else through bitsandbytes' own op."""
     if usable(x, prepared[0]):
         return nf4_linear_triton(x, *prepared, bias=module.bias)
-    dt = module.compute_dtype or x.dtype
-    if x.dtype == dt and (module.bias is None or module.bias.dtype == dt):
+    if in_compute_dtype(x, module, module.bias):
         return bnb_linear(x, prepared, module.bias)
     return module(x)  # bitsandbytes casts in and out; our bases compute in the weights' dtype
+
+
+def in_compute_dtype(x, module, bias) -> bool:
+    """Are x and the bias in `module`'s (a Linear4bit's) compute dtype, as bnb_linear takes them?"""
+    dt = module.compute_dtype or x.dtype
+    return x.dtype == dt and (bias is None or bias.dtype == dt)
 
 
 # ---------------------------------------------------------------- bitsandbytes' op, scales undone once
@@ -144,7 +149,8 @@ class _BnbLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         packed, absmax, _, N, K, blocksize = ctx.prepared
-        w = torch.ops.bitsandbytes.dequantize_4bit.default(packed.view(-1, 1), absmax, blocksize, "nf4", (N, K), g.dtype)
+        w = torch.ops.bitsandbytes.dequantize_4bit.default(packed.view(-1, 1), absmax, blocksize, "nf4", (N, K),
+                                                           g.dtype)
         return g @ w, None, None
 
 
@@ -154,8 +160,9 @@ def bnb_linear(x, prepared: tuple, bias=None):
     block scales undone once (`prepare`: 4 bytes per 64 weights, ~0.4 GB at 7B), where a Linear4bit
     with double quantisation undoes them at every call (two more kernels wherever it dequantises
     before its GEMM: at training sizes always, three times a projection per checkpointed pass; at
-    decode sizes on an H100/H200) under three more layers of Python. The gradient in x as bitsandbytes takes it: dequantise, then a GEMM. Rows of sibling
-    projections (lora._NF4Group) are one weight here."""
+    decode sizes on an H100/H200) under three more layers of Python. The gradient in x as
+    bitsandbytes takes it: dequantise, then a GEMM. Rows of sibling projections (lora._NF4Group)
+    are one weight here."""
     if torch.is_grad_enabled() and x.requires_grad:
         return _BnbLinear.apply(x, prepared, bias)
     return _gemm(x, prepared, bias)

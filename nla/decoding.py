@@ -23,8 +23,8 @@ per (batch, length) shape. A 4-bit base compiles by default only when every quan
 of the step goes through the nf4 decode kernel (kernels.nf4, asked for by NLA_KERNELS=triton);
 through bitsandbytes' op the step compiles whole as well (tested on CPU), but whether that pays
 for a 7B compile (the nf4 kernel's took ~66 s) is not measured yet (bench/gpu_check.py's
-memory-compiled stage); `NLA_COMPILE_DECODE=0|1` overrides. A failed compile falls back to the graph alone, a failed
-capture to eager.
+memory-compiled stage); `NLA_COMPILE_DECODE=0|1` overrides. A failed compile falls back to the
+graph alone, a failed capture to eager.
 
 In RL on an unmerged (4-bit) base, each row may have a twin under the KL reference's adapter
 (lora.side_by_side, verbalizer.generate's ref_role): the decoder then holds 2n rows, the

@@ -13,8 +13,8 @@ The merged copies of projections that read the same input (q/k/v, gate/up) are r
 buffer, and on a GPU the first of them to see an input computes all of their outputs in one GEMM:
 at decode sizes the small k and v projections are latency-bound (5 us for 0.8 MB on an H200).
 A 4-bit base's siblings likewise become one nf4 weight, one product through the decode kernel or
-bitsandbytes' op (their bytes moved into one buffer that bitsandbytes' weights are views of). `NLA_FUSED_SAMPLING=0|1` overrides (a
-CPU's GEMMs are compute-bound: there it is off).
+bitsandbytes' op (their bytes moved into one buffer that bitsandbytes' weights are views of).
+`NLA_FUSED_SAMPLING=0|1` overrides (a CPU's GEMMs are compute-bound: there it is off).
 
 The switch is state outside the autograd graph, so gradient checkpointing must replay it: a
 block recomputed in backward runs after `use(...)` has already restored another role, and would
@@ -126,8 +126,8 @@ class LoRALinear(nn.Module):
         """x W^T (+ bias): a 4-bit weight through kernels.nf4 (its kernel where asked for, else
         bitsandbytes' op with the scales undone once; while sampling with its siblings where they
         are grouped), anything else through the base."""
-        if self.nf4 is None:  # once: the base is frozen (normal tensors even if first met in inference mode)
-            with torch.inference_mode(False), torch.no_grad():
+        if self.nf4 is None:  # once, the base being frozen (as normal tensors, even if first met in
+            with torch.inference_mode(False), torch.no_grad():  # inference mode, as collect runs it)
                 self.nf4 = kernels.nf4_prepare(self.base) or ()
         if not self.nf4:
             return self.base(x)
@@ -303,7 +303,7 @@ class _NF4Group(_Siblings):
     def product(self, x):
         if kernels.nf4.usable(x, self.prepared[0]):
             return kernels.nf4.nf4_linear_triton(x, *self.prepared, bias=self.bias)
-        if x.dtype != (self.members[0].base.compute_dtype or x.dtype) or (self.bias is not None and self.bias.dtype != x.dtype):
+        if not kernels.nf4.in_compute_dtype(x, self.members[0].base, self.bias):
             return None  # bitsandbytes would cast: each member computes alone (kernels.nf4_linear)
         return kernels.nf4.bnb_linear(x, self.prepared, self.bias)
 
