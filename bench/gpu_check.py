@@ -74,7 +74,7 @@ STAGES = [
     # reference's twins and without, and the update with the reference forward (other plans:
     # stage memory-plans)
     ("memory", 180, f"{PY} bench/memory.py --steps 2 --plans ckpt:16 --rollout-ab --profile",
-     r"RL step|peak GPU|step \d|out of|decode step|rollout|reference forward|^phase"),
+     r"built in|RL step|peak GPU|step \d|out of|decode step|rollout|reference forward|^phase"),
     # diagnosis, on request: the compiled decode step's kernels, and the update per kernel mode
     # with the modes' order reversed (is the Triton mode's slower AR phase kernels or warm-up?)
     ("profile", 170, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 3 --rank 64 "

@@ -97,8 +97,10 @@ def main():
     dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench/memory.py needs a CUDA GPU (it measures GPU memory); --device cpu checks its logic only")
-    base = random_base(a.shape, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32, nf4=not a.no_nf4)
+    with Timer(dev) as tb:  # what a stage's cap must leave room for (a 7B build was put at ~70 s)
+        base = random_base(a.shape, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32, nf4=not a.no_nf4)
     weights_gb = torch.cuda.memory_allocated() / 1e9 if dev.type == "cuda" else float("nan")
+    print(f"{base.name} built in {tb.s:.1f} s", flush=True)
     spec, head, opt_av, opt_ar = nla_on(base, SHAPES[a.shape][2], rank=a.rank, scale=150.0)
     vecs = torch.randn(a.acts, base.d_model, device=dev).repeat_interleave(a.group, 0)
     results, rollouts = [], []
