@@ -67,8 +67,8 @@ STAGES = [
     ("rl-1.5b", 200, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 2 --rank 64 "
                      f"--micro 32 --loops ours-compiled,hf --modes triton --profile-decode",
      r"roofline|ours|old eager|HF generate|torch |triton |failed|peak|^prof |^phase|cudaMalloc"),
-    # the 7B step with checkpointing (a cold 7B build ~70 s) at micro 16, then its update and a
-    # rollout profiled (the AR and GRPO phases took 3-4x their earlier times in the last run, with
+    # the 7B step with checkpointing (a cold 7B build, put at ~70 s; printed now) at micro 16, its
+    # update and a rollout profiled (the AR and GRPO phases took 3-4x their earlier times in the last run, with
     # twice the decoder passes: since cut to ~half, nla/shared_prefix.Held; the decode step took
     # ~20 ms, bitsandbytes' products, timed alone, ~13 of them), then the rollout with the
     # reference's twins and without, and the update with the reference forward (other plans:

@@ -211,9 +211,10 @@ def bench_nf4(rows, dev):
     """A decode step's projections of a Qwen2.5-7B-shaped nf4 base: a Linear4bit (bitsandbytes' path:
     a bf16 copy of the weight, then a GEMM, at these sizes on an H100/H200), our kernel, a plain bf16
     GEMM (what a full-precision base reads), and bitsandbytes' op with the scales undone once
-    (kernels.nf4.bnb_linear: what a 4-bit rollout now runs without the kernel). GB/s counts the nf4 bytes the kernel must read (weight + fp32 scales). Ours
-    includes reordering the activations (kernels.nf4.evens_then_odds: a small copy here, which a
-    compiled decode step fuses into the op that makes them)."""
+    (kernels.nf4.bnb_linear: what a 4-bit rollout now runs without the kernel). GB/s counts the
+    nf4 bytes the kernel must read (weight + fp32 scales). Ours includes reordering the activations
+    (kernels.nf4.evens_then_odds: a small copy here, which a compiled decode step fuses into the op
+    that makes them)."""
     print("\nnf4 decode matmul (Qwen2.5-7B shapes): bitsandbytes vs kernels.nf4, and a bf16 GEMM for scale")
     print(f"{'projection':16} {'rows x N x K':28} {'bnb ms':>9} {'triton ms':>9} {'speedup':>8}  nf4 GB/s, bf16 GEMM ms, "
           f"codes-table ms (NLA_NF4_TABLE=codes), bitsandbytes' op with the scales undone once ms (the default)")

@@ -205,17 +205,15 @@ def test_sampling_through_the_nf4_decode_kernel(tiny_path, monkeypatch, av_on, c
     assert len(groups) == 2 * q.n_layers and all(g.live == (fused == "1") for g in groups)
 
 
-@pytest.mark.parametrize("fused", ["0", "1"])
-def test_4bit_decode_step_through_bitsandbytes_compiles_whole(tiny_path, monkeypatch, av_on, compiled_steps, fused):
-    """Without the decode kernel, a 4-bit base's decode step calls bitsandbytes' gemm op directly
-    (kernels.nf4.bnb_linear), which torch.compile takes into ONE graph with the rest of the step
-    (no break into a Linear4bit's Python) and the eager step's logits: what NLA_COMPILE_DECODE=1
-    times on a GPU (bench/gpu_check.py's memory-compiled stage)."""
+def _4bit_step_graphs(tiny_path, monkeypatch, av_on, compiled_steps, kernels_mode: str, fused: str):
+    """A 4-bit base (fp16 compute) and the FX graphs torch.compile makes of its decode step (full
+    graph, logits checked against the eager step) under NLA_KERNELS=kernels_mode; fused "1": q/k/v
+    and gate/up as one nf4 op each, as on a GPU."""
     from nla import lora
     from nla.decoding import Decoder
     from nla.shared_prefix import SharedPrefix
     from nla.verbalizer import _prompt
-    monkeypatch.setenv("NLA_KERNELS", "torch")
+    monkeypatch.setenv("NLA_KERNELS", kernels_mode)
     monkeypatch.setenv("NLA_FUSED_SAMPLING", fused)
     q = av_on(load_base(tiny_path, device="cpu", dtype=torch.float16, load_in_4bit=True))
     spec = build_spec(q, 2, {"injection_scale": 3.0, "mse_mean": {"train": 1.5}}, "replace", 4, 4)
@@ -226,6 +224,16 @@ def test_4bit_decode_step_through_bitsandbytes_compiles_whole(tiny_path, monkeyp
         prompts = SharedPrefix(m)
         nxt = prompts.forward(m, inputs_embeds=emb, logits_to_keep=1).logits[:, -1].argmax(-1)
         _, graphs = compiled_steps(dec, prompts, torch.arange(3), nxt, fullgraph=True)
+    return q, graphs
+
+
+@pytest.mark.parametrize("fused", ["0", "1"])
+def test_4bit_decode_step_through_bitsandbytes_compiles_whole(tiny_path, monkeypatch, av_on, compiled_steps, fused):
+    """Without the decode kernel, a 4-bit base's decode step calls bitsandbytes' gemm op directly
+    (kernels.nf4.bnb_linear), which torch.compile takes into ONE graph with the rest of the step
+    (no break into a Linear4bit's Python) and the eager step's logits: what NLA_COMPILE_DECODE=1
+    times on a GPU (bench/gpu_check.py's memory-compiled stage)."""
+    q, graphs = _4bit_step_graphs(tiny_path, monkeypatch, av_on, compiled_steps, "torch", fused)
     assert len(graphs) == 1
     ops = [n for n in graphs[0].graph.nodes if n.op == "call_function" and "gemm_4bit" in str(n.target)]
     assert len(ops) == (4 if fused == "1" else 7) * q.n_layers
@@ -240,21 +248,9 @@ def test_4bit_decode_step_compiles_whole(tiny_path, monkeypatch, av_on, compiled
     if not interpreting():
         pytest.skip("needs TRITON_INTERPRET=1 on CPU")
     import kernels.nf4 as nf4
-    from nla import lora
-    from nla.decoding import Decoder, _all_nf4_kernel
-    from nla.shared_prefix import SharedPrefix
-    from nla.verbalizer import _prompt
-    monkeypatch.setenv("NLA_KERNELS", "triton")
-    monkeypatch.setenv("NLA_FUSED_SAMPLING", fused)  # "1": q/k/v and gate/up as one nf4 op each, as on a GPU
-    q = av_on(load_base(tiny_path, device="cpu", dtype=torch.float16, load_in_4bit=True))
-    spec = build_spec(q, 2, {"injection_scale": 3.0, "mse_mean": {"train": 1.5}}, "replace", 4, 4)
+    from nla.decoding import _all_nf4_kernel
+    q, graphs = _4bit_step_graphs(tiny_path, monkeypatch, av_on, compiled_steps, "triton", fused)
     m = q.model
-    dec = Decoder(m, 3, 100, "av")
-    with torch.no_grad(), lora.use(m, "av"), lora.inference_weights(m, "av", torch.float16):
-        emb = m.get_input_embeddings()(_prompt(spec, 3, "cpu"))
-        prompts = SharedPrefix(m)
-        nxt = prompts.forward(m, inputs_embeds=emb, logits_to_keep=1).logits[:, -1].argmax(-1)
-        _, graphs = compiled_steps(dec, prompts, torch.arange(3), nxt, fullgraph=True)
     assert len(graphs) == 1
     ops = [n for n in graphs[0].graph.nodes if n.op == "call_function" and "nf4_partials" in str(n.target)]
     assert len(ops) == (4 if fused == "1" else 7) * q.n_layers
