@@ -68,11 +68,11 @@ STAGES = [
                      f"--micro 32 --loops ours-compiled,hf --modes triton --profile-decode",
      r"roofline|ours|old eager|HF generate|torch |triton |failed|peak|^prof |^phase|cudaMalloc"),
     # the 7B step with checkpointing (a cold 7B build, put at ~70 s; printed now) at micro 16, its
-    # update and a rollout profiled (the AR and GRPO phases took 3-4x their earlier times in the last run, with
-    # twice the decoder passes: since cut to ~half, nla/shared_prefix.Held; the decode step took
-    # ~20 ms, bitsandbytes' products, timed alone, ~13 of them), then the rollout with the
-    # reference's twins and without, and the update with the reference forward (other plans:
-    # stage memory-plans)
+    # update and a rollout profiled (the AR and GRPO phases took 3-4x their earlier times in the
+    # last run, with twice the decoder passes: since cut to ~half, nla/shared_prefix.Held; the
+    # decode step took ~20 ms, bitsandbytes' products, timed alone, ~13 of them), then the rollout
+    # with the reference's twins and without, and the update with the reference forward (other
+    # plans: stage memory-plans)
     ("memory", 180, f"{PY} bench/memory.py --steps 2 --plans ckpt:16 --rollout-ab --profile",
      r"built in|RL step|peak GPU|step \d|out of|decode step|rollout|reference forward|^phase"),
     # diagnosis, on request: the compiled decode step's kernels, and the update per kernel mode
