@@ -22,7 +22,7 @@ the policy's rows). `--rollout-ab` then times the rollout with the step captured
 with twins and without, and the last plan's update when it must run the reference forward.
 `--device cpu --shape tiny` runs all of that in seconds on a CPU (no memory figures): a check of
 the script itself before it spends a lent GPU's minutes (tests/test_gpu_path.py). `--device cpu
---shape thin-7b` (with NLA_COMMON_LEVEL=0 NLA_REF_IN_ROLLOUT=1, a GPU's choices) times the 7B's
+--shape thin-7b --dtype bf16` (with NLA_COMMON_LEVEL=0 NLA_REF_IN_ROLLOUT=1: a GPU's choices) times the 7B's
 depth at widths where the CPU's arithmetic is small: the host's cost of a step. `--profile`
 prints the top kernels of one more update of the first plan and of one rollout, right after that
 plan's steps (where does the AR phase's time go at 7B? It took about as long as the GRPO phase,
@@ -93,12 +93,14 @@ def main():
     ap.add_argument("--profile", action="store_true",
                     help="profile one more update of the first plan, and a rollout, after its steps: their top kernels")
     ap.add_argument("--device", default="cuda", help="cpu: the script's logic on a small --shape (fp32; no memory figures)")
+    ap.add_argument("--dtype", choices=("bf16", "fp32"), help="the base's (default: bf16 on a GPU, fp32 on a CPU)")
     a = ap.parse_args()
     dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench/memory.py needs a CUDA GPU (it measures GPU memory); --device cpu checks its logic only")
     with Timer(dev) as tb:  # what a stage's cap must leave room for (a 7B build was put at ~70 s)
-        base = random_base(a.shape, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32, nf4=not a.no_nf4)
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype or ("bf16" if dev.type == "cuda" else "fp32")]
+        base = random_base(a.shape, dev, dtype, nf4=not a.no_nf4)
     weights_gb = torch.cuda.memory_allocated() / 1e9 if dev.type == "cuda" else float("nan")
     print(f"{base.name} built in {tb.s:.1f} s", flush=True)
     spec, head, opt_av, opt_ar = nla_on(base, SHAPES[a.shape][2], rank=a.rank, scale=150.0)

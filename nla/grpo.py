@@ -129,7 +129,7 @@ def update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps
     opt_ar.zero_grad(set_to_none=True)
     pred = torch.zeros_like(vecs, dtype=torch.float32)
     good_order = [good[i] for i in _by_length([len(texts[j]) for j in good], micro)]  # characters: ~tokens
-    with record_function("nla.update.ar"):
+    with record_function("nla.update.ar"), lora.training_weights(base.model, "ar"):
         prefix = Prefix(base, spec, "ar", held=True)  # once for every chunk (on a GPU: with every row)
         for c in _chunks(len(good), micro):
             rows = good_order[c]
@@ -150,7 +150,8 @@ def update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps
     opt_av.zero_grad(set_to_none=True)
     kl_sum = torch.zeros((), device=vecs.device)  # on the device: no host sync per chunk
     order = _by_length([len(s.ids) for s in samples], micro)
-    with record_function("nla.update.grpo"):
+    own_ref = ("ref",) if any(s.ref_lp is None for s in samples) else ()  # else taken in the rollout
+    with record_function("nla.update.grpo"), lora.training_weights(base.model, "av", *own_ref):
         prompts, ref_prompts = Prompts(base, spec, vecs, "av", held=True), None  # once for every chunk
         for c in _chunks(len(samples), micro):
             rows = order[c]

@@ -67,6 +67,7 @@ class Adapter(nn.Module):
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.scale = alpha / rank
         self.fast: tuple | None = None  # (A, B * scale) in the base's compute dtype, for sampling
+        self.cast: tuple | None = None  # the same, with autograd to A and B, for a phase of training
 
 
 class LoRALinear(nn.Module):
@@ -98,8 +99,9 @@ class LoRALinear(nn.Module):
         a = self.adapters[sw.active] if sw.active in self.adapters else None
         if a is None:
             return y
-        if sw.fast and a.fast is not None and a.fast[0].dtype == x.dtype:
-            return _plus_low_rank(y, x @ a.fast[0].t(), a.fast[1])
+        w = a.fast if sw.fast else a.cast
+        if w is not None and w[0].dtype == x.dtype:
+            return _plus_low_rank(y, x @ w[0].t(), w[1])
         # mixed precision: fp32 master weights are cast (small) rather than x (large)
         return _plus_low_rank(y, (x @ a.A.to(x.dtype).t()) * a.scale, a.B)
 
@@ -137,8 +139,8 @@ class LoRALinear(nn.Module):
 
 def _plus_low_rank(y: torch.Tensor, xa: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """y + xa B^T with the add in the GEMM (addmm's epilogue). The scale goes on xa, rank wide,
-    before this: scaling and adding the full-width product were two more passes over the
-    output, ~15% of an update's device time on a GPU (profile in bench/RESULTS.md)."""
+    or on B, before this: scaling and adding the full-width product were two more passes over
+    the output, ~15% of an update's device time on a GPU (profile in bench/RESULTS.md)."""
     dt = y.dtype
     out = torch.addmm(y.reshape(-1, y.shape[-1]), xa.to(dt).reshape(-1, xa.shape[-1]), B.to(dt).t())
     return out.view(y.shape)
@@ -387,6 +389,32 @@ def inference_weights(model: nn.Module, role: str | None, dtype: torch.dtype):
     finally:
         sw.fast = prev
         _release(groups + model.__dict__.get("_nla_nf4_groups", []))
+
+
+@contextlib.contextmanager
+def training_weights(model: nn.Module, *roles: str):
+    """The roles' adapters in the compute dtype for a phase of training, cast once on entry with
+    autograd to the fp32 masters: every product in the phase reads these copies (the sampling
+    path's products, (A, s B)), and each backward sends their gradients through one cast and scale
+    per parameter, where a cast per projection call cost two casts and a scale in its forward and
+    its recomputation (three kernels and their ops each; bench/RESULTS.md). Leave it before the
+    optimizer step (the copies are stale after it). Nothing to do for fp32 adapters on an fp32
+    base."""
+    mods, dtype = [m for _, m in _wrapped(model)], model.get_input_embeddings().weight.dtype
+    if dtype == torch.float32 or not mods:
+        yield
+        return
+    adapters = [m.adapters[r] for m in mods for r in roles]
+    try:
+        for a in adapters:
+            # mul.Scalar keeps the scale as a number, not a tensor that the first backward would free:
+            # like a cast it saves nothing, so every backward of the phase (micro-batches, held
+            # prompts) may pass through it
+            a.cast = (a.A.to(dtype), torch.ops.aten.mul.Scalar(a.B, a.scale).to(dtype))
+        yield
+    finally:
+        for a in adapters:
+            a.cast = None
 
 
 @contextlib.contextmanager

@@ -29,10 +29,11 @@ def train_ar(base, spec, head, texts, vectors, steps: int, batch: int, lr: float
     losses = []
     for idx in bar:
         idx = idx[dist.shard(len(idx))]
-        pred = reconstruct(base, spec, head, [texts[i] for i in idx])
-        loss = mse(pred, vectors[idx].to(pred.device)).sum() / (len(idx) * dist.world())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with lora.training_weights(base.model, "ar"):  # the adapters cast once a step, not once a call
+            pred = reconstruct(base, spec, head, [texts[i] for i in idx])
+            loss = mse(pred, vectors[idx].to(pred.device)).sum() / (len(idx) * dist.world())
+            loss.backward()
         dist.sum_grads(params)
         opt.step()
         losses.append(float(dist.sum_(loss.detach())))
@@ -50,11 +51,12 @@ def train_av(base, spec, texts, vectors, steps: int, batch: int, lr: float, seed
     for idx in bar:
         idx = idx[dist.shard(len(idx))]
         resp = [target_ids(tok, texts[i], max_len) for i in idx]
-        lp, mask = response_logprobs(base, spec, vectors[idx], resp, "av")
-        n_tok = dist.sum_(mask.sum().float())
-        loss = -(lp * mask).sum() / n_tok
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with lora.training_weights(base.model, "av"):
+            lp, mask = response_logprobs(base, spec, vectors[idx], resp, "av")
+            n_tok = dist.sum_(mask.sum().float())
+            loss = -(lp * mask).sum() / n_tok
+            loss.backward()
         dist.sum_grads(params)
         opt.step()
         losses.append(float(dist.sum_(loss.detach())))

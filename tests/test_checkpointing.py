@@ -1,8 +1,11 @@
 """Gradient checkpointing is exact for every role: gradients (and GRPO updates) with it equal
 those without it. Each block recomputed in backward must see the adapter and the add-mode
 injection that were live in its forward, although `lora.use` has switched back by then."""
+import contextlib
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nla import lora
 from nla.grpo import update
@@ -15,8 +18,8 @@ from nla.verbalizer import Sample, response_logprobs, target_ids
 TEXTS = ["alpha beta", "gamma delta epsilon", "one two three four", "cats"]
 
 
-def _setup(path, checkpointing: bool, mode: str, quant: bool = False):
-    base = load_base(path, device="cpu", load_in_4bit=quant)
+def _setup(path, checkpointing: bool, mode: str, quant: bool = False, dtype=None):
+    base = load_base(path, device="cpu", dtype=dtype, load_in_4bit=quant)
     lora.attach(base.model, {"av": 4, "ref": 4, "ar": 4})
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # non-zero B everywhere, and ref != av, so a wrong role changes the numbers
@@ -61,14 +64,15 @@ def test_sft_gradients_equal_with_and_without_checkpointing(tiny_path, mode):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-def _grpo_after(path, checkpointing, mode, quant=False, micro=0):
-    base, spec, head = _setup(path, checkpointing, mode, quant)
+def _grpo_after(path, checkpointing, mode, quant=False, micro=0, dtype=None, during=None):
+    base, spec, head = _setup(path, checkpointing, mode, quant, dtype)
     G = 2
     vecs = torch.randn(len(TEXTS) // G, base.d_model, generator=torch.Generator().manual_seed(3)).repeat_interleave(G, 0)
     samples = [Sample(target_ids(base.tokenizer, t), t, True) for t in TEXTS]
     opt_av = torch.optim.SGD(lora.params(base.model, "av"), lr=0.5)
     opt_ar = torch.optim.SGD(lora.params(base.model, "ar") + list(head.parameters()), lr=0.5)
-    m = update(base, spec, head, vecs, samples, opt_av, opt_ar, G, 0.5, 0.2, micro=micro)
+    with during(base) if during else contextlib.nullcontext():
+        m = update(base, spec, head, vecs, samples, opt_av, opt_ar, G, 0.5, 0.2, micro=micro)
     return lora.state(base.model, "av"), lora.state(base.model, "ar"), head.weight.detach().clone(), m
 
 
@@ -129,3 +133,45 @@ def test_checkpointing_can_be_turned_off_again(tiny_path):
     assert attention_calls_in_backward() > 0  # checkpointing: the block runs again
     lora.disable_checkpointing(base.model)
     assert attention_calls_in_backward() == 0
+
+
+
+class _AdapterCasts(TorchDispatchMode):
+    """Counts the casts (and scalings: B's cast is of s B) of the given parameters, per parameter."""
+    def __init__(self, params):
+        super().__init__()
+        self.ptrs, self.casts = {p.data_ptr() for p in params}, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.mul) and args[0].data_ptr() in self.ptrs:
+            self.casts[args[0].data_ptr()] = self.casts.get(args[0].data_ptr(), 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_update_casts_each_adapter_once_per_phase(tiny_path, monkeypatch):
+    """On a bf16 base an update's phases read adapter copies cast once (lora.training_weights), not
+    cast at every projection call: the same update to bf16's rounding, with micro-batches and
+    checkpointing (several backwards through one cast, recomputed blocks reading it), and no copy
+    left after it (stale once the optimizer has stepped)."""
+    seen = {}
+
+    def watch(base):
+        seen["base"] = base
+        seen["params"] = [p for r in ("av", "ar", "ref") for p in lora.params(base.model, r)]
+        seen["mode"] = _AdapterCasts(seen["params"])
+        return seen["mode"]
+    new = _grpo_after(tiny_path, True, "replace", micro=3, dtype=torch.bfloat16, during=watch)
+    assert new[3]["kl"] > 0  # the reference's own forward ran: its adapters are read too
+    casts = seen["mode"].casts
+    assert len(casts) == len(seen["params"]) and set(casts.values()) == {1}, sorted(casts.values())
+    assert all(a.cast is None for _, m in lora._wrapped(seen["base"].model) for a in m.adapters.values())
+    monkeypatch.setattr(lora, "training_weights", lambda model, *roles: contextlib.nullcontext())
+    old = _grpo_after(tiny_path, True, "replace", micro=3, dtype=torch.bfloat16)
+    start = _setup(tiny_path, False, "replace", dtype=torch.bfloat16)[0]
+    for role, a, b in (("av", new[0], old[0]), ("ar", new[1], old[1])):
+        before = lora.state(start.model, role)
+        d_new, d_old = ({k: w[k] - before[k] for k in w} for w in (a, b))  # blocks past the AR's layer: 0
+        scale = max(float(d.abs().max()) for d in d_old.values())
+        assert scale > 0, role
+        for k in d_old:
+            torch.testing.assert_close(d_new[k], d_old[k], rtol=0.05, atol=0.02 * scale)
