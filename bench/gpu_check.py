@@ -23,7 +23,7 @@ failure or hang does not eat the rest, and ends with a one-screen summary:
                bitsandbytes' decode step compiled, the nf4 kernel's tiles by device time, the 7B
                step with torch kernels, the 7B step with its rollout through the nf4 kernel (if the
                nf4 stage shows the kernel beating bitsandbytes, this is the second call's job,
-               before nf4-sweep), the 7B step in one chunk and without checkpointing
+               before nf4-sweep), the 7B step without checkpointing
 
     python bench/gpu_check.py [--out DIR] [--only STAGE,...|all] [--budget SECONDS] [--dry-run]
 
@@ -70,10 +70,11 @@ STAGES = [
     # the 7B step with checkpointing (a cold 7B build, put at ~70 s; printed now) at micro 16, its
     # update and a rollout profiled (the AR and GRPO phases took 3-4x their earlier times in the
     # last run, with twice the decoder passes: since cut to ~half, nla/shared_prefix.Held; the
-    # decode step took ~20 ms, bitsandbytes' products, timed alone, ~13 of them), then the rollout
-    # with the reference's twins and without, and the update with the reference forward (other
-    # plans: stage memory-plans)
-    ("memory", 180, f"{PY} bench/memory.py --steps 2 --plans ckpt:16 --rollout-ab --profile",
+    # decode step took ~20 ms, bitsandbytes' products, timed alone, ~13 of them), then at micro 64
+    # (one chunk: 2.6x fewer ops than micro 16, counted on a CPU; does it fit in 20 GB?), then the
+    # rollout with the reference's twins and without, and the update with the reference forward
+    # (the plans without checkpointing: stage memory-plans)
+    ("memory", 180, f"{PY} bench/memory.py --steps 2 --plans ckpt:16,ckpt:64 --rollout-ab --profile",
      r"built in|RL step|peak GPU|step \d|out of|decode step|rollout|reference forward|^phase"),
     # diagnosis, on request: the compiled decode step's kernels, and the update per kernel mode
     # with the modes' order reversed (is the Triton mode's slower AR phase kernels or warm-up?)
@@ -94,12 +95,10 @@ STAGES = [
     # waits where it is issued) beating bitsandbytes
     ("memory-nf4", 200, f"env NLA_KERNELS=triton {PY} bench/memory.py --steps 2 --plans ckpt:64",
      r"RL step|decode step|step \d|peak GPU"),
-    # the 7B step's other plans: micro 64 with checkpointing (one chunk: an update's fewest passes;
-    # each pass of a few rows costs a full pass's launches and dequantising), and no checkpointing
-    # (one forward fewer per backward, a third of the update's FLOPs, for ~8.5 MB of stored
-    # activations a token, 302 KB a layer counted on a CPU: tenth session's RESULTS; 4 rows of 150
-    # tokens ~5 GB, 8 rows ~10 GB, with the rest past 20 GB)
-    ("memory-plans", 200, f"{PY} bench/memory.py --steps 2 --plans ckpt:64,full:4,full:8",
+    # the 7B step without checkpointing (one forward fewer per backward, a third of the update's
+    # FLOPs, for ~8.5 MB of stored activations a token, 302 KB a layer counted on a CPU: tenth
+    # session's RESULTS; 4 rows of 150 tokens ~5 GB, 8 rows ~10 GB, with the rest past 20 GB)
+    ("memory-plans", 200, f"{PY} bench/memory.py --steps 2 --plans full:4,full:8",
      r"RL step|peak GPU|step \d|out of"),
     ("e2e", 100, "bash -c " + shlex.quote(
         f"set -e; {PY} bench/gpu_check.py --make-random-model {RANDOM_MODEL}; D=/tmp/nla-gpu-check; "
