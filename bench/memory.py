@@ -22,8 +22,10 @@ the policy's rows). `--rollout-ab` then times the rollout with the step captured
 with twins and without, and the last plan's update when it must run the reference forward.
 `--device cpu --shape tiny` runs all of that in seconds on a CPU (no memory figures): a check of
 the script itself before it spends a lent GPU's minutes (tests/test_gpu_path.py). `--device cpu
---shape thin-7b --dtype bf16` (with NLA_COMMON_LEVEL=0 NLA_REF_IN_ROLLOUT=1: a GPU's choices) times the 7B's
-depth at widths where the CPU's arithmetic is small: the host's cost of a step. `--profile`
+--shape thin-7b` (with NLA_COMMON_LEVEL=0 NLA_REF_IN_ROLLOUT=1, a GPU's choices) times the 7B's
+depth at widths where the CPU's arithmetic is small: the host's cost of a step (in fp32; with
+`--dtype bf16` it dispatches a GPU's ops, mixed precision's casts included, but this CPU's bf16
+arithmetic then costs more than its host). `--profile`
 prints the top kernels of one more update of the first plan and of one rollout, right after that
 plan's steps (where does the AR phase's time go at 7B? It took about as long as the GRPO phase,
 which runs more layers and more passes. And a 4-bit decode step took ~20 ms where bitsandbytes'
@@ -92,7 +94,7 @@ def main():
     ap.add_argument("--rollout-ab", action="store_true", help="then the rollout not compiled, with twins and without")
     ap.add_argument("--profile", action="store_true",
                     help="profile one more update of the first plan, and a rollout, after its steps: their top kernels")
-    ap.add_argument("--device", default="cuda", help="cpu: the script's logic on a small --shape (fp32; no memory figures)")
+    ap.add_argument("--device", default="cuda", help="cpu: the script's logic on a small --shape (no memory figures)")
     ap.add_argument("--dtype", choices=("bf16", "fp32"), help="the base's (default: bf16 on a GPU, fp32 on a CPU)")
     a = ap.parse_args()
     dev = torch.device(a.device)

@@ -14,7 +14,9 @@ buffer, and on a GPU the first of them to see an input computes all of their out
 at decode sizes the small k and v projections are latency-bound (5 us for 0.8 MB on an H200).
 A 4-bit base's siblings likewise become one nf4 weight, one product through the decode kernel or
 bitsandbytes' op (their bytes moved into one buffer that bitsandbytes' weights are views of).
-`NLA_FUSED_SAMPLING=0|1` overrides (a CPU's GEMMs are compute-bound: there it is off).
+`NLA_FUSED_SAMPLING=0|1` overrides (a CPU's GEMMs are compute-bound: there it is off). Training
+on a bf16 or 4-bit base casts the adapters to the compute dtype once per phase (`training_weights`),
+with autograd to the fp32 masters, not at every call.
 
 The switch is state outside the autograd graph, so gradient checkpointing must replay it: a
 block recomputed in backward runs after `use(...)` has already restored another role, and would
