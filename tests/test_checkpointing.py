@@ -135,7 +135,6 @@ def test_checkpointing_can_be_turned_off_again(tiny_path):
     assert attention_calls_in_backward() == 0
 
 
-
 class _AdapterCasts(TorchDispatchMode):
     """Counts the casts (and scalings: B's cast is of s B) of the given parameters, per parameter."""
     def __init__(self, params):
