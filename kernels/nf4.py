@@ -120,11 +120,20 @@ def usable(x, packed) -> bool:
 def nf4_linear(x, module, prepared: tuple):
     """module(x) for a bitsandbytes nf4 Linear4bit (`prepared` = prepare(module)), differentiable in
     x: through the kernel where it is asked for and can serve, else through bitsandbytes' own op."""
+    y = product(x, prepared, module.bias, module)
+    # else the Linear4bit itself, which casts in and out (our bases compute in the weights' dtype)
+    return y if y is not None else module(x)
+
+
+def product(x, prepared: tuple, bias, module):
+    """x W^T (+ bias) for `prepared` (one Linear4bit's weight, or siblings' stacked, with `module`
+    one of them): the kernel where it is asked for and can serve, else bitsandbytes' op where x and
+    the bias are in the compute dtype; None where neither (the caller falls back)."""
     if usable(x, prepared[0]):
-        return nf4_linear_triton(x, *prepared, bias=module.bias)
-    if in_compute_dtype(x, module, module.bias):
-        return bnb_linear(x, prepared, module.bias)
-    return module(x)  # bitsandbytes casts in and out; our bases compute in the weights' dtype
+        return nf4_linear_triton(x, *prepared, bias=bias)
+    if in_compute_dtype(x, module, bias):
+        return bnb_linear(x, prepared, bias)
+    return None
 
 
 def in_compute_dtype(x, module, bias) -> bool:

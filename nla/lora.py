@@ -304,12 +304,8 @@ class _NF4Group(_Siblings):
         self.bias = None if b0 is None else torch.cat(
             [b.detach() if b is not None else b0.new_zeros(m.out_features) for b, m in zip(biases, ms)])
 
-    def product(self, x):
-        if kernels.nf4.usable(x, self.prepared[0]):
-            return kernels.nf4.nf4_linear_triton(x, *self.prepared, bias=self.bias)
-        if not kernels.nf4.in_compute_dtype(x, self.members[0].base, self.bias):
-            return None  # bitsandbytes would cast: each member computes alone (kernels.nf4_linear)
-        return kernels.nf4.bnb_linear(x, self.prepared, self.bias)
+    def product(self, x):  # None: each member computes alone (kernels.nf4_linear)
+        return kernels.nf4.product(x, self.prepared, self.bias, self.members[0].base)
 
 
 def _nf4_groups(model: nn.Module) -> list[_NF4Group]:
