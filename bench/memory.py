@@ -80,6 +80,7 @@ def summary(results, dev) -> None:
 def main():
     from bench.common import SHAPES, Timer, nla_on, profile_ops, random_base
     from nla import lora
+    from nla.errors import NLAError
     from nla.grpo import rollout, update
     from nla.reconstructor import ar_inputs
     ap = argparse.ArgumentParser()
@@ -130,11 +131,14 @@ def main():
             try:
                 with Timer(base.device) as tu:
                     m = update(base, spec, head, vecs, samples, opt_av, opt_ar, a.group, 0.01, 0.2, micro=micro)
-            except torch.cuda.OutOfMemoryError:
-                print(f"[{plan}] step {step}: out of GPU memory", flush=True)
-                opt_av.zero_grad(set_to_none=True)
-                opt_ar.zero_grad(set_to_none=True)
+            except NLAError as e:  # out of memory even at one row per chunk
+                print(f"[{plan}] step {step}: {e}", flush=True)
                 break
+            if m["micro_batch"] != micro:  # the update halved its chunks until they fit (grpo.fitting)
+                print(f"[{plan}] step {step}: out of GPU memory at {micro} rows per chunk; ran at "
+                      f"{m['micro_batch']} (and goes on at that)", flush=True)
+                micro = m["micro_batch"]
+                plan = f"{kind}:{micro}"
             n_tok = sum(len(s.ids) for s in samples)
             if step == 0 and not results:
                 lens = ar_inputs(base.tokenizer, spec, [s.text for s in samples], "cpu")[1].float()

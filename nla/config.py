@@ -104,7 +104,8 @@ class TrainConfig:
     ar_lr: float = opt(1e-4, "AR learning rate in RL")
     kl_coef: float = opt(0.01, "KL penalty toward the warm-start AV")
     clip_eps: float = opt(0.2, "PPO ratio clip")
-    micro_batch: int = opt(0, "rows per forward/backward, gradients accumulated (0 = whole batch at once)")
+    micro_batch: int = opt(0, "rows per forward/backward, gradients accumulated (0 = whole batch at once); halved "
+                                 "while a GPU runs out of memory")
     grad_checkpointing: bool = opt(False, "recompute blocks in backward to save activation memory (GPU runs)")
     eval_every: int = opt(20, "held-out FVE every N RL steps")
     eval_n: int = opt(64, "held-out activations used for FVE")

@@ -24,6 +24,7 @@ from torch.profiler import record_function  # named phases in a profile (bench/c
 import kernels
 
 from . import decoding, dist, lora, switches
+from .errors import NLAError
 from .reconstructor import Prefix, reconstruct
 from .reward import mse, score
 from .verbalizer import Prompts, generate, response_logprobs
@@ -109,6 +110,25 @@ def _by_length(lengths: list[int], micro: int) -> list[int]:
     return sorted(range(n), key=lambda i: -lengths[i])  # stable: ties keep the sampled order
 
 
+def fitting(phase, micro: int, n: int, opt, name: str):
+    """phase(micro) (an update's phase over n rows in chunks of micro, 0: all), and the micro it
+    ran at. After a GPU out-of-memory error the attempt's gradients are dropped and the phase runs
+    again in chunks of half as many rows, the same update (gradients are sums over chunks), so a
+    batch too large for the card costs a retry, not the run. The caller keeps the micro it
+    returns for later steps."""
+    while True:
+        opt.zero_grad(set_to_none=True)
+        try:
+            return phase(micro), micro
+        except torch.OutOfMemoryError:
+            rows = micro if 0 < micro < n else n
+            if rows <= 1:
+                raise NLAError(f"out of GPU memory in the {name} phase even at one row per chunk: try "
+                               "--grad-checkpointing, --load-in-4bit or a smaller --max-new") from None
+        micro = (rows + 1) // 2  # out of the handler, whose traceback held the attempt's tensors
+        print(f"[nla] out of GPU memory in the {name} phase at {rows} rows per chunk: again at {micro}", flush=True)
+
+
 def _now(dev) -> float:
     if dev.type == "cuda":  # phase timings in the metrics; one sync per phase is noise next to a step
         torch.cuda.synchronize(dev)
@@ -126,17 +146,19 @@ def update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps
     # AR: one forward per chunk serves the reward (the AR as it was when the texts were sampled:
     # its step comes after every chunk) and the regression step on the fresh explanations
     ar_params = lora.params(base.model, "ar") + list(head.parameters())
-    opt_ar.zero_grad(set_to_none=True)
     pred = torch.zeros_like(vecs, dtype=torch.float32)
-    good_order = [good[i] for i in _by_length([len(texts[j]) for j in good], micro)]  # characters: ~tokens
-    with record_function("nla.update.ar"), lora.training_weights(base.model, "ar"):
-        prefix = Prefix(base, spec, "ar", held=True)  # once for every chunk (on a GPU: with every row)
-        for c in _chunks(len(good), micro):
-            rows = good_order[c]
-            p = reconstruct(base, spec, head, [texts[i] for i in rows], prefix=prefix)
-            (mse(p, vecs[rows]).sum() / n_good.clamp_min(1)).backward()
-            pred[rows] = p.detach().float()
-        prefix.backward()
+
+    def ar_phase(micro):
+        good_order = [good[i] for i in _by_length([len(texts[j]) for j in good], micro)]  # characters: ~tokens
+        with record_function("nla.update.ar"), lora.training_weights(base.model, "ar"):
+            prefix = Prefix(base, spec, "ar", held=True)  # once for every chunk (on a GPU: with every row)
+            for c in _chunks(len(good), micro):
+                rows = good_order[c]
+                p = reconstruct(base, spec, head, [texts[i] for i in rows], prefix=prefix)
+                (mse(p, vecs[rows]).sum() / n_good.clamp_min(1)).backward()
+                pred[rows] = p.detach().float()
+            prefix.backward()
+    _, micro = fitting(ar_phase, micro, len(good), opt_ar, "AR")
     stats = score(pred, vecs, spec.mse_mean, G, valid=ok)
     ar_loss = (mse(pred[good], vecs[good].float()).sum() / n_good.clamp_min(1)).detach().cpu() if good else torch.tensor(0.0)
     dist.sum_grads(ar_params)
@@ -147,32 +169,35 @@ def update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps
     # AV: one GRPO step
     av_params = lora.params(base.model, "av")
     n_tok = dist.sum_(torch.tensor(float(sum(len(s.ids) for s in samples))))
-    opt_av.zero_grad(set_to_none=True)
-    kl_sum = torch.zeros((), device=vecs.device)  # on the device: no host sync per chunk
-    order = _by_length([len(s.ids) for s in samples], micro)
     own_ref = ("ref",) if any(s.ref_lp is None for s in samples) else ()  # else taken in the rollout
-    with record_function("nla.update.grpo"), lora.training_weights(base.model, "av", *own_ref):
-        prompts, ref_prompts = Prompts(base, spec, vecs, "av", held=True), None  # once for every chunk
-        for c in _chunks(len(samples), micro):
-            rows = order[c]
-            chunk = [samples[i] for i in rows]
-            ids = [s.ids for s in chunk]
-            lp, mask = response_logprobs(base, spec, prompts.rows(rows), ids)
-            if all(s.ref_lp is not None for s in chunk):  # taken in the rollout
-                ref = torch.nn.utils.rnn.pad_sequence([s.ref_lp for s in chunk], batch_first=True)
-                ref = ref[:, :lp.shape[1]].to(lp.device)
-            else:
-                with torch.no_grad():
-                    ref_prompts = ref_prompts or Prompts(base, spec, vecs, "ref")
-                    ref, _ = response_logprobs(base, spec, ref_prompts.rows(rows), ids)
-            ratio = torch.exp(lp - lp.detach())  # old policy = the sampling policy: one update per batch
-            adv = stats.advantage[rows].to(lp.device)[:, None]
-            pg = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
-            log_r = ref - lp
-            kl = torch.exp(log_r) - log_r - 1  # k3 estimator: unbiased, non-negative
-            ((pg + kl_coef * kl) * mask).sum().div(n_tok).backward()
-            kl_sum += (kl.detach() * mask).sum()
-        prompts.backward()
+
+    def grpo_phase(micro):
+        kl_sum = torch.zeros((), device=vecs.device)  # on the device: no host sync per chunk
+        order = _by_length([len(s.ids) for s in samples], micro)
+        with record_function("nla.update.grpo"), lora.training_weights(base.model, "av", *own_ref):
+            prompts, ref_prompts = Prompts(base, spec, vecs, "av", held=True), None  # once for every chunk
+            for c in _chunks(len(samples), micro):
+                rows = order[c]
+                chunk = [samples[i] for i in rows]
+                ids = [s.ids for s in chunk]
+                lp, mask = response_logprobs(base, spec, prompts.rows(rows), ids)
+                if all(s.ref_lp is not None for s in chunk):  # taken in the rollout
+                    ref = torch.nn.utils.rnn.pad_sequence([s.ref_lp for s in chunk], batch_first=True)
+                    ref = ref[:, :lp.shape[1]].to(lp.device)
+                else:
+                    with torch.no_grad():
+                        ref_prompts = ref_prompts or Prompts(base, spec, vecs, "ref")
+                        ref, _ = response_logprobs(base, spec, ref_prompts.rows(rows), ids)
+                ratio = torch.exp(lp - lp.detach())  # old policy = the sampling policy: one update per batch
+                adv = stats.advantage[rows].to(lp.device)[:, None]
+                pg = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+                log_r = ref - lp
+                kl = torch.exp(log_r) - log_r - 1  # k3 estimator: unbiased, non-negative
+                ((pg + kl_coef * kl) * mask).sum().div(n_tok).backward()
+                kl_sum += (kl.detach() * mask).sum()
+            prompts.backward()
+        return kl_sum
+    kl_sum, micro = fitting(grpo_phase, micro, len(samples), opt_av, "GRPO")  # from the AR's: its rows are shorter
     dist.sum_grads(av_params)
     opt_av.step()
     t3 = _now(vecs.device)
@@ -187,4 +212,4 @@ def update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps
         train_fve=s(stats.fve[ok].sum()) / max(1.0, float(n_good)), ar_loss=float(dist.sum_(ar_loss.detach().cpu())),
         kl=s(kl_sum) / float(n_tok), expl_len=float(n_tok) / n,
         fail_frac=1 - float(n_good) / n, zero_spread=s(zero.sum()) / s(len(zero)), step_time=time.time() - t0,
-        rollout_time=t1 - t0, ar_time=t2 - t1, grpo_time=t3 - t2)
+        rollout_time=t1 - t0, ar_time=t2 - t1, grpo_time=t3 - t2, micro_batch=micro)

@@ -178,12 +178,13 @@ def train(cfg: TrainConfig) -> dict:
         write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
     order = torch.randperm(len(rl_data), generator=torch.Generator().manual_seed(cfg.seed + 3))
     bar = tqdm(range(start, cfg.rl_steps), initial=start, total=cfg.rl_steps, desc="RL", disable=rank > 0)
-    last = {}
+    last, micro = {}, cfg.micro_batch  # halved where a GPU runs out of memory (grpo.fitting), then kept
     for step in bar:
         rows = order[(torch.arange(cfg.rl_batch) + step * cfg.rl_batch) % len(rl_data)]
         mine = rows[dist.shard(cfg.rl_batch)]
         m = rl_step(base, spec, head, rl_data.vectors[mine].float(), opt_av, opt_ar, cfg.group, cfg.max_new,
-                    cfg.temperature, cfg.kl_coef, cfg.clip_eps, generator=gen, micro=cfg.micro_batch)
+                    cfg.temperature, cfg.kl_coef, cfg.clip_eps, generator=gen, micro=micro)
+        micro = m["micro_batch"]
         row = {"stage": "rl", "step": step + 1, **m}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.rl_steps:
             if rank == 0:

@@ -174,3 +174,48 @@ def test_update_casts_each_adapter_once_per_phase(tiny_path, monkeypatch):
         assert scale > 0, role
         for k in d_old:
             torch.testing.assert_close(d_new[k], d_old[k], rtol=0.05, atol=0.02 * scale)
+
+
+def _out_of_memory_once(fn):
+    """fn, except that its second call with gradients on a chunk of more than one row raises a GPU
+    out-of-memory error: after the first chunk's backward has added its gradients."""
+    calls = []
+
+    def wrapped(*a, **k):
+        if torch.is_grad_enabled():
+            calls.append(1)
+            n = len(a[3])  # reconstruct's texts, response_logprobs' response ids
+            if len(calls) == 2 and n > 1:
+                raise torch.OutOfMemoryError("CUDA out of memory (faked)")
+        return fn(*a, **k)
+    return wrapped
+
+
+@pytest.mark.parametrize("phase", ["reconstruct", "response_logprobs"])
+def test_update_out_of_gpu_memory_retries_with_half_the_rows(tiny_path, monkeypatch, capsys, phase):
+    """A chunk that runs out of GPU memory costs a retry of its phase (AR or GRPO) at half the rows
+    per chunk, not the run: the same update as one that fit, and the micro-batch that fit is
+    returned for later steps (grpo.fitting)."""
+    from nla import grpo
+    monkeypatch.setattr(grpo, phase, _out_of_memory_once(getattr(grpo, phase)))
+    av1, ar1, h1, m1 = _grpo_after(tiny_path, True, "replace", micro=2)
+    monkeypatch.undo()
+    av0, ar0, h0, m0 = _grpo_after(tiny_path, True, "replace", micro=0)
+    assert m1["micro_batch"] == 1 and m0["micro_batch"] == 0
+    assert "out of GPU memory in the " + ("AR" if phase == "reconstruct" else "GRPO") in capsys.readouterr().out
+    torch.testing.assert_close(h0, h1, rtol=1e-5, atol=1e-6)
+    for a, b in ((av0, av1), (ar0, ar1)):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert m0["kl"] == pytest.approx(m1["kl"], rel=1e-4)
+
+
+def test_update_out_of_gpu_memory_at_one_row_says_what_to_do(tiny_path, monkeypatch):
+    from nla import grpo
+    from nla.errors import NLAError
+
+    def never_fits(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory (faked)")
+    monkeypatch.setattr(grpo, "reconstruct", never_fits)
+    with pytest.raises(NLAError, match="out of GPU memory in the AR phase even at one row per chunk: try"):
+        _grpo_after(tiny_path, False, "replace", micro=0)

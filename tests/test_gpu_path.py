@@ -10,6 +10,7 @@ import json
 import warnings
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from nla.config import PRESETS, TrainConfig
@@ -47,8 +48,16 @@ def test_command_line_beats_preset_whatever_the_value(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("quant", [False, True], ids=["bf16-like", "nf4"])
-def test_gpu_preset_end_to_end_with_resume_and_eval(tiny_acts, tmp_path, quant):
+def test_gpu_preset_end_to_end_with_resume_and_eval(tiny_acts, tmp_path, quant, monkeypatch):
     acts = tiny_acts
+    from nla import grpo
+    log_probs = grpo.response_logprobs
+
+    def small_card(base, spec, prompts, ids, *a):  # a GRPO chunk of more than 2 rows runs out of GPU memory
+        if torch.is_grad_enabled() and len(ids) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (faked)")
+        return log_probs(base, spec, prompts, ids, *a)
+    monkeypatch.setattr(grpo, "response_logprobs", small_card)
     if quant:
         pytest.importorskip("bitsandbytes")
         warnings.simplefilter("ignore")
@@ -58,6 +67,8 @@ def test_gpu_preset_end_to_end_with_resume_and_eval(tiny_acts, tmp_path, quant):
         common.append("--load-in-4bit")
     r = _cli([*common, "--rl-steps", 2])
     assert r.exit_code == 0, r.output[-3000:]
+    # once, at the first step: the micro-batch that fit is kept
+    assert r.output.count("out of GPU memory in the GRPO phase at 3 rows per chunk: again at 2") == 1, r.output[-3000:]
     used = json.loads((out / "train_config.json").read_text())
     assert used["grad_checkpointing"] is True and used["micro_batch"] == 3 and used["preset"] == "gpu"
     assert used["load_in_4bit"] is quant and used["rl_steps"] == 2
@@ -66,6 +77,7 @@ def test_gpu_preset_end_to_end_with_resume_and_eval(tiny_acts, tmp_path, quant):
     assert "resuming RL at step 2/3" in r.output
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [x["step"] for x in rows if x["stage"] == "rl"] == [1, 2, 3]
+    assert [x["micro_batch"] for x in rows if x["stage"] == "rl"] == [2, 2, 2]
     assert [x["stage"] for x in rows].count("sft_ar") == SMALL["sft_ar_steps"]
     assert all(x["ar_loss"] == x["ar_loss"] for x in rows if x["stage"] == "rl")  # finite
     ev = ["eval", "--checkpoint", out / "rl", "--data", acts, "--max-new", 6, "--out", tmp_path / "ev", "--device", "cpu"]
