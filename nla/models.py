@@ -8,6 +8,8 @@ local HF cache or the hub is reachable). Mistakes come back as one-line NLAError
 Early exit: collection and the reconstructor need the residual after block L only, so we run
 the decoder with its layer list truncated to blocks 0..L and the final norm removed; no later
 block and no LM head is computed.
+
+Fused norms: on a GPU the base's RMSNorms run torch's fused kernel (fused_norms).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import switches
 from .errors import NLAError
 
 EMBEDDED_ALIAS = "smollm2"
@@ -176,6 +179,7 @@ def load_base(spec: str = EMBEDDED_ALIAS, device: str | None = None, dtype: torc
     else:
         import kernels
         kernels.nf4.keep_standard_layout(model)
+    fused_norms(model)
     model.eval()
     model.requires_grad_(False)
     if tok.pad_token is None:
@@ -183,6 +187,40 @@ def load_base(spec: str = EMBEDDED_ALIAS, device: str | None = None, dtype: torc
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return Base(model=model, tokenizer=tok, name=name, n_layers=len(decoder_of(model).layers),
                 d_model=cfg.hidden_size, quant=quant)
+
+
+# RMSNorms that compute weight * (x * rsqrt(mean(x^2) + eps)) as Hugging Face's Llama does: the
+# formula of torch's rms_norm, up to where bf16 rounds (Gemma's norm scales by 1 + weight: not these)
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+
+
+def _fused_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
+    if fused_norm_wanted(x, self.weight):
+        return nn.functional.rms_norm(x, self.weight.shape, self.weight, self.variance_epsilon)
+    return type(self).forward(self, x)
+
+
+def fused_norm_wanted(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """torch's fused rms_norm for this call? On CUDA, yes: one kernel forward and one backward, where
+    Hugging Face's norm launches ~8 and ~10 and keeps an fp32 copy of its input and its bf16 output
+    for backward (a kernel and 14-21 KB a token a norm at 7B; rms_norm keeps its bf16 input and one
+    number a row). Not while torch.compile traces (Inductor fuses the norm with its neighbours
+    itself, and a fused kernel is an opaque call to it), nor on a CPU (no fused kernel there: the
+    same ops, and the presets' numbers stay bit for bit). NLA_FUSED_NORM=0|1 overrides."""
+    if torch.compiler.is_compiling():  # first: nothing else here is traced
+        return False
+    forced = switches.forced("NLA_FUSED_NORM")
+    if x.dtype != weight.dtype:
+        return False
+    return forced if forced is not None else x.is_cuda
+
+
+def fused_norms(model: nn.Module) -> nn.Module:
+    """The model's Llama-style RMSNorms run fused_norm_wanted's choice at every call."""
+    for m in model.modules():
+        if type(m).__name__ in RMS_NORMS and hasattr(m, "variance_epsilon"):
+            m.forward = _fused_norm_forward.__get__(m)
+    return model
 
 
 _ATTENTION_REGISTERED: set = set()

@@ -219,3 +219,72 @@ def test_update_out_of_gpu_memory_at_one_row_says_what_to_do(tiny_path, monkeypa
     monkeypatch.setattr(grpo, "reconstruct", never_fits)
     with pytest.raises(NLAError, match="out of GPU memory in the AR phase even at one row per chunk: try"):
         _grpo_after(tiny_path, False, "replace", micro=0)
+
+
+def test_fused_norms_are_the_models_norms(tiny_path, monkeypatch):
+    """A base's Llama-style RMSNorms run torch's fused rms_norm where it is wanted (on CUDA; forced
+    here) with their own weight and eps: Hugging Face's values and gradients. eps matters at these
+    magnitudes, so a wrong or default eps fails this."""
+    from nla import models
+    base = load_base(tiny_path, device="cpu")
+    norms = [m for m in base.model.modules() if type(m).__name__ in models.RMS_NORMS]
+    assert len(norms) == 2 * base.n_layers + 1
+    calls = []
+    rms_norm = torch.nn.functional.rms_norm
+    monkeypatch.setattr(torch.nn.functional, "rms_norm", lambda *a, **k: calls.append(1) or rms_norm(*a, **k))
+    x = torch.randn(3, 5, base.d_model, generator=torch.Generator().manual_seed(0)) * 1e-3
+    for m in norms[:2]:
+        with torch.no_grad():
+            m.weight.copy_(torch.rand(m.weight.shape) + 0.5)
+        outs = []
+        for flag in ("0", "1"):
+            monkeypatch.setenv("NLA_FUSED_NORM", flag)
+            xi = x.clone().requires_grad_()
+            y = m(xi)
+            (y * torch.arange(y.numel()).view_as(y)).sum().backward()
+            outs.append((y.detach(), xi.grad))
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-7)
+    assert len(calls) == 2
+    monkeypatch.setenv("NLA_FUSED_NORM", "1")
+    norms[0](x.double())  # another dtype than the weight's: Hugging Face's own forward
+    assert len(calls) == 2
+
+
+def test_update_with_fused_norms_is_the_same_update(tiny_path, monkeypatch):
+    """The GPU's fused norms (forced on the CPU) in a checkpointed, micro-batched bf16 update: the
+    same update as Hugging Face's norms, to bf16's rounding."""
+    monkeypatch.setenv("NLA_FUSED_NORM", "1")
+    new = _grpo_after(tiny_path, True, "replace", micro=3, dtype=torch.bfloat16)
+    monkeypatch.setenv("NLA_FUSED_NORM", "0")
+    old = _grpo_after(tiny_path, True, "replace", micro=3, dtype=torch.bfloat16)
+    start = _setup(tiny_path, False, "replace", dtype=torch.bfloat16)[0]
+    for role, a, b in (("av", new[0], old[0]), ("ar", new[1], old[1])):
+        before = lora.state(start.model, role)
+        d_new, d_old = ({k: w[k] - before[k] for k in w} for w in (a, b))
+        scale = max(float(d.abs().max()) for d in d_old.values())
+        assert scale > 0, role
+        for k in d_old:
+            torch.testing.assert_close(d_new[k], d_old[k], rtol=0.05, atol=0.02 * scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_norms_by_default_on_cuda(tiny_path, monkeypatch):
+    """On CUDA a bf16 base's norms run the fused kernel unasked: Hugging Face's values and input
+    gradients to bf16's rounding (one rounding where Hugging Face's norm has two)."""
+    from nla import models
+    monkeypatch.delenv("NLA_FUSED_NORM", raising=False)
+    base = load_base(tiny_path, device="cuda", dtype=torch.bfloat16)
+    m = next(m for m in base.model.modules() if type(m).__name__ in models.RMS_NORMS)
+    with torch.no_grad():
+        m.weight.copy_(torch.rand(m.weight.shape, device="cuda") + 0.5)
+    x = torch.randn(7, 33, base.d_model, device="cuda", dtype=torch.bfloat16)
+    assert models.fused_norm_wanted(x, m.weight)
+    outs = []
+    for flag in ("", "0"):
+        monkeypatch.setenv("NLA_FUSED_NORM", flag)
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        (y.float() * torch.linspace(-1, 1, y.numel(), device="cuda").view_as(y)).sum().backward()
+        outs.append((y.detach().float(), xi.grad.float()))
+    torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
