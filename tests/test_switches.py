@@ -5,7 +5,7 @@ import types
 import pytest
 import torch
 
-from nla import decoding, grpo, lora, shared_prefix, switches
+from nla import decoding, grpo, lora, models, shared_prefix, switches
 from nla.errors import NLAError
 
 CPU = torch.device("cpu")
@@ -19,6 +19,7 @@ READERS = {
     "NLA_COMMON_LEVEL": lambda: shared_prefix.common_level(CPU),
     "NLA_MERGE_SAMPLING": lambda: lora.merge_wanted(torch.nn.Linear(2, 2)),
     "NLA_FUSED_SAMPLING": lambda: lora._fused_wanted(CPU),
+    "NLA_FUSED_NORM": lambda: models.fused_norm_wanted(torch.zeros(1), torch.zeros(1)),
 }
 
 
