@@ -10,7 +10,7 @@ import time
 import torch
 
 from nla import lora
-from nla.models import fused_norms
+from nla.models import fused_ops
 from nla.reconstructor import ARHead
 from nla.spec import build_spec
 
@@ -80,7 +80,7 @@ def random_model(shape: str, device, dtype=torch.bfloat16, nf4: bool = False, to
         torch.set_default_dtype(prev)
     if nf4:
         quantise_(model, dtype)
-    fused_norms(model)
+    fused_ops(model)
     model.requires_grad_(False)
     model.eval()
     return model

@@ -14,9 +14,10 @@ failure or hang does not eat the rest, and ends with a one-screen summary:
     memory     bench/memory.py: a Qwen2.5-7B-shaped nf4 RL step, time and peak memory, with gradient
                checkpointing; its update's and its rollout's kernels; the rollout with the KL
                reference's twins and without
-    nf4        bench/kernels.py --only nf4,sample,attention: the 4-bit decode matmul against
+    nf4        bench/kernels.py --only nf4,sample,attention,rope: the 4-bit decode matmul against
                bitsandbytes, the fused next-token draw against torch.multinomial, the decode attention
-               that reads the cache up to its fill against SDPA
+               that reads the cache up to its fill against SDPA, the rotary embedding against Hugging
+               Face's
     e2e        collect -> train --preset gpu (scaled down) -> explain -> eval on a random model
     profile, memory-compiled, nf4-sweep, memory-torch, memory-nf4, memory-plans
                diagnoses: the decode step's and the update's kernels at 1.5B, the 7B step with
@@ -58,7 +59,7 @@ STAGES = [
                    f"--deselect tests/test_kernels.py::test_nf4_sweep_tiles_give_the_references_products",
      r"passed|failed|error|FAILED|ERROR"),
     ("kernels", 45, f"{PY} bench/kernels.py --quick", r"target|MISSED|met|speed-up|x$"),
-    ("nf4", 45, f"{PY} bench/kernels.py --quick --only nf4,sample,attention", r"copy bandwidth|x \d+ x|\d+ x \d+ "),
+    ("nf4", 50, f"{PY} bench/kernels.py --quick --only nf4,sample,attention,rope", r"copy bandwidth|x \d+ x|\d+ x \d+ "),
     ("rl-smol", 40, f"{PY} bench/rl_step.py --shape smollm2 --acts 8 --group 8 --max-new 64 --steps 2 --loops ours,ours-adapters,reference",
      r"roofline|ours|old eager|torch |triton |failed"),
     # (the graph-only loop "ours" was measured on an H200: 0.825 s; its place goes to the memory stage)

@@ -9,7 +9,7 @@ log_softmax, the chunked torch path and the Triton path. It ends by checking the
 Triton >= 1.0x the chunked torch path at every size, >= 1.5x at N=9600 with V=152k, and no more
 peak memory than the chunked torch path.
 
-    python bench/kernels.py [--dtype bf16|fp32] [--quick] [--only inject,reward,logprobs,nf4,sample,attention,nf4-sweep]
+    python bench/kernels.py [--dtype bf16|fp32] [--quick] [--only inject,reward,logprobs,nf4,sample,attention,rope,nf4-sweep]
                             [--weight-grad]
 
 nf4: a decode step's projections with a 4-bit base, bitsandbytes against kernels.nf4 (the nf4 bytes
@@ -22,6 +22,8 @@ sample: a decode step's draw of the next token of every row (torch.multinomial's
 exponentials, divide and argmax against one fused pass), and the logits read per ms.
 attention: a decode step's attention over a static cache filled to 150 of 226 slots (SDPA with the
 mask, which reads every slot, against the kernel that reads the filled ones), per layer.
+rope: the rotary embedding of q and k (Hugging Face's ops against one kernel), a decode step's in a
+graph and a training chunk's forward and backward.
 """
 import os
 import sys
@@ -340,6 +342,32 @@ def bench_attention(shapes, dev):
               f"{u_ms:.3f} ({t_ms / u_ms:.2f}x torch)  {_how(tg, kg, ug)}")
 
 
+def bench_rope(shapes, dev):
+    """The rotary embedding of q and k as a block applies it: Hugging Face's ten ops against one
+    kernel, forward (a decode step's, replayed in a graph) and forward + backward (a training chunk's)."""
+    print("\nrotary embedding of q and k (Hugging Face's apply_rotary_pos_emb against kernels.apply_rope)")
+    print(f"{'shape':16} {'rows x tokens x heads':28} {'torch ms':>9} {'triton ms':>9} {'speedup':>8}  q+k GB/s")
+    for name, b, t, h, kvh, d in shapes:
+        q = torch.randn(b, t, h * d, device=dev, dtype=torch.bfloat16).view(b, t, h, d).transpose(1, 2)
+        k = torch.randn(b, t, kvh * d, device=dev, dtype=torch.bfloat16).view(b, t, kvh, d).transpose(1, 2)
+        cos, sin = (torch.randn(1, t, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        gb = 2 * 2 * (q.numel() + k.numel())  # read and write, bf16
+        if t == 1:  # a decode step: forward only, in a graph
+            t_ms, tg = graph_ms(lambda: kernels.apply_rope_torch(q, k, cos, sin))
+            k_ms, kg = graph_ms(lambda: kernels.apply_rope_triton(q, k, cos, sin))
+            how = _how(tg, kg)
+        else:
+            qg, kg_ = q.detach().requires_grad_(), k.detach().requires_grad_()
+            go = [torch.randn(b, x, t, d, device=dev, dtype=torch.bfloat16) for x in (h, kvh)]
+
+            def step(fn):
+                torch.autograd.backward(list(fn(qg, kg_, cos, sin)), go)
+            t_ms, k_ms, how = bench_ms(lambda: step(kernels.apply_rope_torch)), bench_ms(lambda: step(kernels.apply_rope_triton)), "fwd+bwd, eager"
+            gb *= 2
+        print(f"{name:16} {f'{b} x {t} x {h}/{kvh}':28} {t_ms:9.3f} {k_ms:9.3f} {t_ms / k_ms:7.2f}x  "
+              f"{gb / k_ms / 1e6:6.0f} GB/s ({gb / k_ms / 1e6 / PEAK:.0%} of copy)  {how}")
+
+
 def check_targets(records):
     print("\nlog-prob targets (triton against the chunked torch path):")
     worst_f = min(records, key=lambda r: r["fwd"])
@@ -366,7 +394,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--quick", action="store_true", help="fewer sizes")
-    ap.add_argument("--only", default="inject,reward,logprobs,nf4,sample,attention", help="kernel families, comma-separated")
+    ap.add_argument("--only", default="inject,reward,logprobs,nf4,sample,attention,rope", help="kernel families, comma-separated")
     ap.add_argument("--weight-grad", action="store_true", help="log-probs backward also into the head")
     a = ap.parse_args()
     if not torch.cuda.is_available():
@@ -402,6 +430,9 @@ def main():
         # the 1.5B rollout's 64 rows; the 7B one's 64 rows, alone and with their KL twins
         bench_attention([("qwen2.5-1.5b", 64, 12, 2, 128), ("qwen2.5-7b", 64, 28, 4, 128),
                          ("qwen2.5-7b twins", 128, 28, 4, 128)], dev)
+    if "rope" in only:
+        # a 7B decode step with twins; a 7B update's chunk of 16 rows
+        bench_rope([("qwen2.5-7b twins", 128, 1, 28, 4, 128), ("qwen2.5-7b chunk", 16, 226, 28, 4, 128)], dev)
 
 
 if __name__ == "__main__":

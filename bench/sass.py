@@ -58,12 +58,13 @@ def launches(nf4_rows=(1, 32, 64, 128)) -> list[tuple]:
     import kernels.nf4 as nf4
     import kernels.reward as rw
     import kernels.attention as att
+    import kernels.rope as rope
     import kernels.sample as smp
     calls: list = []
-    saved, programs = (nf4._K, lp._K, rw._K, inj._K, smp._K, att._K), att.PROGRAMS
+    saved, programs = (nf4._K, lp._K, rw._K, inj._K, smp._K, att._K, rope._K), att.PROGRAMS
     interp = os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not the interpreter's (as in CI)
     try:
-        nf4._K = lp._K = rw._K = inj._K = smp._K = att._K = None
+        nf4._K = lp._K = rw._K = inj._K = smp._K = att._K = rope._K = None
         nf4._K = _Recorder(nf4._k(), "nf4", calls)
         k = lp._k()
         lp._K = (_Recorder(k[0], "logprobs.lse_pick", calls), _Recorder(k[1], "logprobs.dlogits", calls))
@@ -73,6 +74,7 @@ def launches(nf4_rows=(1, 32, 64, 128)) -> list[tuple]:
         smp._K = _Recorder(smp._k(), "sample", calls)
         k = att._k()
         att._K = (_Recorder(k[0], "decode_attention", calls), _Recorder(k[1], "decode_attention.combine", calls))
+        rope._K = _Recorder(rope._k(), "rope", calls)
         bf = torch.bfloat16
         d, V, N, K = 3584, 152064, 18944, 3584
         table = os.environ.pop("NLA_NF4_TABLE", None)
@@ -101,8 +103,16 @@ def launches(nf4_rows=(1, 32, 64, 128)) -> list[tuple]:
             att._decode_attention_op(torch.zeros(b, h, 1, 128, dtype=bf), torch.zeros(b, kvh, S, 128, dtype=bf),
                                      torch.zeros(b, kvh, S, 128, dtype=bf), torch.ones(b, 1, 1, S, dtype=torch.bool),
                                      128 ** -0.5)
+        # Qwen2.5-7B's rotary: q and k as its projections make them, a training chunk and a decode step
+        # with twins (backward: the same kernel, grads contiguous)
+        for b, t in ((16, 226), (128, 1)):
+            q = torch.zeros(b, t, 28, 128, dtype=bf).transpose(1, 2)
+            k = torch.zeros(b, t, 4, 128, dtype=bf).transpose(1, 2)
+            cs = torch.zeros(1, t, 128, dtype=bf)
+            rope._launch(q, k, cs, cs, False)
+        rope._launch(q.contiguous(), k.contiguous(), cs, cs, True)
     finally:
-        nf4._K, lp._K, rw._K, inj._K, smp._K, att._K = saved
+        nf4._K, lp._K, rw._K, inj._K, smp._K, att._K, rope._K = saved
         att.PROGRAMS = programs
         if interp is not None:
             os.environ["TRITON_INTERPRET"] = interp

@@ -7,6 +7,7 @@
                                   (slower than bitsandbytes on an H200: only under NLA_KERNELS=triton)
     sample_next                   the next token of every row from its logits, in one pass (the exponential race)
     decode_attention              one new token per row over a static KV cache, reading only what it may see
+    apply_rope                    the rotary position embedding of q and k, one kernel forward and one backward
 
 The unsuffixed names dispatch (Triton on CUDA, torch on CPU, NLA_KERNELS=torch|triton forces);
 `*_torch` and `*_triton` are the two implementations, with the same signatures, for tests and
@@ -20,6 +21,7 @@ from .inject import (inject_add, inject_add_torch, inject_add_triton, inject_rep
 from .logprobs import token_logprobs, token_logprobs_torch, token_logprobs_triton
 from .nf4 import nf4_linear, nf4_linear_torch, nf4_linear_triton
 from .nf4 import prepare as nf4_prepare
+from .rope import apply_rope, apply_rope_torch, apply_rope_triton
 from .reward import RewardStats, reward_stats, reward_stats_torch, reward_stats_triton
 from .sample import sample_next, sample_next_torch, sample_next_triton
 
@@ -36,4 +38,4 @@ __all__ = ["backend", "check_env", "decode_attention", "decode_attention_torch",
            "inject_add_torch", "inject_add_triton", "inject_replace", "inject_replace_torch", "inject_replace_triton",
            "nf4_linear", "nf4_linear_torch", "nf4_linear_triton", "nf4_prepare", "token_logprobs",
            "token_logprobs_torch", "token_logprobs_triton", "RewardStats", "reward_stats", "reward_stats_torch",
-           "reward_stats_triton", "sample_next", "sample_next_torch", "sample_next_triton"]
+           "reward_stats_triton", "apply_rope", "apply_rope_torch", "apply_rope_triton", "sample_next", "sample_next_torch", "sample_next_triton"]

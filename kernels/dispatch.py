@@ -89,5 +89,13 @@ def empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def empty_like(x: torch.Tensor) -> torch.Tensor:
+    """empty() with x's layout where x is dense (torch.empty_like's rule), poisoned alike."""
+    out = torch.empty_like(x)
+    if os.environ.get("NLA_KERNELS_POISON") == "1":
+        out.fill_(float("nan") if x.dtype.is_floating_point else -1)
+    return out
+
+
 def pow2(n: int, lo: int = 16) -> int:
     return max(lo, 1 << (max(1, n) - 1).bit_length())

@@ -9,7 +9,8 @@ Early exit: collection and the reconstructor need the residual after block L onl
 the decoder with its layer list truncated to blocks 0..L and the final norm removed; no later
 block and no LM head is computed.
 
-Fused norms: on a GPU the base's RMSNorms run torch's fused kernel (fused_norms).
+Fused ops: on a GPU the base's RMSNorms run torch's fused kernel and its rotary embedding ours
+(kernels/rope.py), one kernel each where Hugging Face's code launches 8-14 (fused_ops).
 """
 from __future__ import annotations
 
@@ -179,7 +180,7 @@ def load_base(spec: str = EMBEDDED_ALIAS, device: str | None = None, dtype: torc
     else:
         import kernels
         kernels.nf4.keep_standard_layout(model)
-    fused_norms(model)
+    fused_ops(model)
     model.eval()
     model.requires_grad_(False)
     if tok.pad_token is None:
@@ -215,11 +216,36 @@ def fused_norm_wanted(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return forced if forced is not None else x.is_cuda
 
 
-def fused_norms(model: nn.Module) -> nn.Module:
-    """The model's Llama-style RMSNorms run fused_norm_wanted's choice at every call."""
+# attention classes whose module's apply_rotary_pos_emb is Hugging Face's Llama one
+ROTARY_ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention")
+
+
+def _fused_rotary(hf):
+    """Hugging Face's apply_rotary_pos_emb, with kernels.apply_rope wherever Triton runs (CUDA; the
+    interpreter in tests) outside a compiled step (where Inductor fuses it itself)."""
+    import kernels
+
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kw):
+        if args or kw or torch.compiler.is_compiling() or kernels.backend(q, k, cos) != "triton":
+            return hf(q, k, cos, sin, *args, **kw)
+        return kernels.apply_rope(q, k, cos, sin)
+    apply_rotary_pos_emb.hf = hf
+    return apply_rotary_pos_emb
+
+
+def fused_ops(model: nn.Module) -> nn.Module:
+    """The model's Llama-style RMSNorms run fused_norm_wanted's choice at every call, and the
+    modules of its attention classes apply the rotary embedding through _fused_rotary (once per
+    module: every model of that family in the process gets it, on the GPU only)."""
+    import sys
     for m in model.modules():
         if type(m).__name__ in RMS_NORMS and hasattr(m, "variance_epsilon"):
             m.forward = _fused_norm_forward.__get__(m)
+        if type(m).__name__ in ROTARY_ATTENTIONS:
+            mod = sys.modules[type(m).__module__]
+            hf = getattr(mod, "apply_rotary_pos_emb", None)
+            if hf is not None and not hasattr(hf, "hf"):
+                mod.apply_rotary_pos_emb = _fused_rotary(hf)
     return model
 
 

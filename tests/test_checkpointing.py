@@ -288,3 +288,36 @@ def test_fused_norms_by_default_on_cuda(tiny_path, monkeypatch):
         (y.float() * torch.linspace(-1, 1, y.numel(), device="cuda").view_as(y)).sum().backward()
         outs.append((y.detach().float(), xi.grad.float()))
     torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
+
+
+def test_models_rotary_runs_the_kernel_where_triton_runs(tiny_path, monkeypatch):
+    """Where Triton runs (CUDA; the interpreter here) a base's attention rotates q and k with
+    kernels.apply_rope, one call per block: the same logits and gradients as Hugging Face's rotary;
+    elsewhere Hugging Face's own, bit for bit."""
+    import sys
+
+    from kernels.dispatch import interpreting
+    if not interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    base = load_base(tiny_path, device="cpu")
+    lora.attach(base.model, {"av": 4})
+    calls = []
+    rope = sys.modules["kernels.rope"]
+    real = rope.apply_rope_triton
+    monkeypatch.setattr(rope, "apply_rope_triton", lambda *a: calls.append(1) or real(*a))
+    ids = torch.tensor([[5, 9, 14, 3, 7, 7, 2], [8, 1, 4, 4, 11, 6, 3]])
+    outs = {}
+    for impl in ("torch", "triton", "torch"):
+        monkeypatch.setenv("NLA_KERNELS", impl)
+        base.model.zero_grad(set_to_none=True)
+        with lora.use(base.model, "av"):
+            logits = base.model(input_ids=ids).logits
+        (logits.float() * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+        got = (logits.detach(), [p.grad.clone() for p in lora.params(base.model, "av")])
+        if impl in outs:  # the torch path again: the same to the bit
+            assert torch.equal(got[0], outs[impl][0])
+        outs[impl] = got
+    assert len(calls) == base.n_layers
+    torch.testing.assert_close(outs["triton"][0], outs["torch"][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(outs["triton"][1], outs["torch"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -154,3 +154,22 @@ def test_profile_tables_from_a_trace(capsys):
     out = capsys.readouterr().out
     top = [ln.split()[1] for ln in out.splitlines() if ln.startswith("prof ")]
     assert len(top) == 3 and top[0] == "aten::mm" and "phase (host wall ms, calls): fn " in out
+
+
+@pytest.mark.slow
+def test_ops_bench_counts_on_a_tiny_shape():
+    """bench/ops.py (CPU only, ~40 s): its counts come out and add up."""
+    import os
+    import re
+    import subprocess
+    import sys
+    env = {**os.environ, "NLA_KERNELS": "torch"}
+    r = subprocess.run([sys.executable, "bench/ops.py", "--shape", "tiny", "--micro", "64"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    nf, nb, rf, rb = map(int, re.search(r"norm (\d+) / (\d+), rotary \(q and k\) (\d+) / (\d+)", r.stdout).groups())
+    assert nf > 1 and nb > 1 and rf > 1 and rb > 1
+    m = re.search(r"norms (\d+) forward / (\d+) backward, rotary (\d+) / (\d+): ([\d,]+) fewer", r.stdout)
+    a, b, c, d, fewer = (int(x.replace(",", "")) for x in m.groups())
+    assert a >= b > 0 and c >= d > 0  # checkpointing: forwards run again in backward
+    assert fewer == a * (nf - 1) + b * (nb - 1) + c * (rf - 1) + d * (rb - 1)

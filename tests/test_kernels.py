@@ -100,6 +100,58 @@ def test_inject_add_forward_and_grad(dtype, B, T, d, stride):
     assert h_tri.grad[slots >= 0].ne(gout[slots >= 0]).any()  # the norm's gradient is really there
 
 
+def _rope_inputs(B, Hq, Hk, T, D, Bc, dtype, layout, g):
+    """q and k as Hugging Face makes them (a projection's [B, T, H*D] viewed and transposed), or
+    slices of one q/k/v output (fused projections), or contiguous [B, H, T, D]; cos and sin
+    [1 or B, T, D]."""
+    if layout == "fused":
+        qkv = torch.randn(B, T, (Hq + 2 * Hk) * D, generator=g)
+        q, k = qkv[..., :Hq * D], qkv[..., Hq * D:(Hq + Hk) * D]
+    else:
+        q, k = torch.randn(B, T, Hq * D, generator=g), torch.randn(B, T, Hk * D, generator=g)
+    q, k = (x.reshape(B, T, -1, D).transpose(1, 2) for x in (q, k))
+    if layout == "contiguous":
+        q, k = q.contiguous(), k.contiguous()
+    # not the same D/2 angles twice, as a rotary embedding has them, nor sin(a) with cos(a): each
+    # half of each must be read where it belongs
+    cos, sin = (torch.randn(Bc, T, D, generator=g) for _ in range(2))
+    return [x.to(DEV, dtype) for x in (q, k, cos, sin)]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,Hq,Hk,T,D,Bc", [(2, 5, 1, 7, 12, 1), (3, 4, 2, 1, 64, 3), (1, 3, 3, 5, 6, 1), (2, 7, 1, 3, 80, 2)])
+@pytest.mark.parametrize("layout", ["hf", "fused", "contiguous"])
+def test_rope_forward_and_grad(dtype, B, Hq, Hk, T, D, Bc, layout):
+    g = torch.Generator().manual_seed(B * D + T)
+    q, k, cos, sin = _rope_inputs(B, Hq, Hk, T, D, Bc, dtype, layout, g)
+    gq = torch.randn(q.shape, generator=g).to(DEV, dtype).transpose(2, 3).contiguous().transpose(2, 3)  # strided
+    gk = torch.randn(k.shape, generator=g).to(DEV, dtype)
+    outs = []
+    for fn in (kernels.apply_rope_torch, kernels.apply_rope_triton):
+        qi, ki = (x.detach().clone().requires_grad_() for x in (q, k))  # clone() keeps a dense view's strides
+        qo, ko = fn(qi, ki, cos, sin)
+        torch.autograd.backward([qo, ko], [gq, gk])
+        outs.append((qo, ko, qi.grad, ki.grad))
+    assert not any(x.isnan().any() for x in outs[1])
+    for a, b in zip(outs[1], outs[0]):
+        torch.testing.assert_close(a, b, **tol(dtype))
+    def layout(x):
+        return [st for st, n in zip(x.stride(), x.shape) if n > 1]
+    assert layout(outs[1][0]) == layout(outs[0][0])  # Hugging Face's layout
+
+
+@needs_triton
+def test_rope_is_hugging_faces_rotary(monkeypatch):
+    """The model families whose rotary embedding becomes kernels.rope compute what it does."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    g = torch.Generator().manual_seed(0)
+    q, k, cos, sin = _rope_inputs(2, 4, 2, 5, 16, 1, torch.float32, "hf", g)
+    for a, b in zip(getattr(apply_rotary_pos_emb, "hf", apply_rotary_pos_emb)(q, k, cos, sin),
+                    kernels.apply_rope_triton(q, k, cos, sin)):
+        torch.testing.assert_close(b, a, **tol(torch.float32))
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N,G,d", [(12, 4, 72), (15, 5, 130), (7, 1, 17), (6, 3, 576)])
@@ -472,7 +524,7 @@ def test_every_launch_compiles_for_gpus_without_spills():
     rows = [ln for ln in r.stdout.splitlines() if "sm_90" in ln]
     names = [ln.split()[0] for ln in rows]
     assert sorted(set(names)) == ["decode_attention", "decode_attention.combine", "inject.add", "inject.replace",
-                                  "logprobs.dlogits", "logprobs.lse_pick", "nf4", "reward", "sample"]
+                                  "logprobs.dlogits", "logprobs.lse_pick", "nf4", "reward", "rope", "sample"]
     assert names.count("nf4") == len(kernels.nf4.TILES) + 2  # every row tile, and the code table's 64 and 128
     # the late-load check can see a late load: the token draw streams its logits through loads it
     # uses where it issues them (no dot, so the pipeliner leaves them), which must show
