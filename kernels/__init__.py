@@ -21,8 +21,8 @@ from .inject import (inject_add, inject_add_torch, inject_add_triton, inject_rep
 from .logprobs import token_logprobs, token_logprobs_torch, token_logprobs_triton
 from .nf4 import nf4_linear, nf4_linear_torch, nf4_linear_triton
 from .nf4 import prepare as nf4_prepare
-from .rope import apply_rope, apply_rope_torch, apply_rope_triton
 from .reward import RewardStats, reward_stats, reward_stats_torch, reward_stats_triton
+from .rope import apply_rope, apply_rope_torch, apply_rope_triton
 from .sample import sample_next, sample_next_torch, sample_next_triton
 
 

@@ -124,7 +124,7 @@ def fitting(phase, micro: int, n: int, opt, name: str):
             rows = micro if 0 < micro < n else n
             if rows <= 1:
                 raise NLAError(f"out of GPU memory in the {name} phase even at one row per chunk: try "
-                               "--grad-checkpointing, --load-in-4bit or a smaller --max-new") from None
+                               "--grad-checkpointing, --load-in-4bit, a smaller --max-new or --rl-batch") from None
         micro = (rows + 1) // 2  # out of the handler, whose traceback held the attempt's tensors
         print(f"[nla] out of GPU memory in the {name} phase at {rows} rows per chunk: again at {micro}", flush=True)
 

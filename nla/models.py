@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,11 +204,11 @@ def _fused_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 def fused_norm_wanted(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """torch's fused rms_norm for this call? On CUDA, yes: one kernel forward and one backward, where
-    Hugging Face's norm launches ~8 and ~10 and keeps an fp32 copy of its input and its bf16 output
-    for backward (a kernel and 14-21 KB a token a norm at 7B; rms_norm keeps its bf16 input and one
-    number a row). Not while torch.compile traces (Inductor fuses the norm with its neighbours
-    itself, and a fused kernel is an opaque call to it), nor on a CPU (no fused kernel there: the
-    same ops, and the presets' numbers stay bit for bit). NLA_FUSED_NORM=0|1 overrides."""
+    Hugging Face's norm launches 8 and 14 (bench/ops.py) and keeps an fp32 copy of its input for
+    backward (14.3 KB a token at 7B; rms_norm keeps its bf16 input and one number a row). Not while
+    torch.compile traces (Inductor fuses the norm with its neighbours itself, and to it the fused op
+    is an opaque call), nor on a CPU (no fused kernel there: the same ops, and the presets' numbers
+    stay bit for bit). NLA_FUSED_NORM=0|1 overrides."""
     if torch.compiler.is_compiling():  # first: nothing else here is traced
         return False
     forced = switches.forced("NLA_FUSED_NORM")
@@ -237,7 +238,6 @@ def fused_ops(model: nn.Module) -> nn.Module:
     """The model's Llama-style RMSNorms run fused_norm_wanted's choice at every call, and the
     modules of its attention classes apply the rotary embedding through _fused_rotary (once per
     module: every model of that family in the process gets it, on the GPU only)."""
-    import sys
     for m in model.modules():
         if type(m).__name__ in RMS_NORMS and hasattr(m, "variance_epsilon"):
             m.forward = _fused_norm_forward.__get__(m)
