@@ -221,13 +221,20 @@ def fused_norm_wanted(x: torch.Tensor, weight: torch.Tensor) -> bool:
 ROTARY_ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention")
 
 
+def fused_rope_wanted(q: torch.Tensor) -> bool:
+    """kernels.apply_rope for this call? On CUDA where Triton runs (NLA_KERNELS=torch says no),
+    outside a compiled step (Inductor fuses Hugging Face's rotary itself). Not under the Triton
+    interpreter on a CPU, where it would only slow the tests that force Triton for other kernels."""
+    import kernels
+    return not torch.compiler.is_compiling() and q.is_cuda and kernels.backend(q) == "triton"
+
+
 def _fused_rotary(hf):
-    """Hugging Face's apply_rotary_pos_emb, with kernels.apply_rope wherever Triton runs (CUDA; the
-    interpreter in tests) outside a compiled step (where Inductor fuses it itself)."""
+    """Hugging Face's apply_rotary_pos_emb, with kernels.apply_rope where fused_rope_wanted."""
     import kernels
 
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kw):
-        if args or kw or torch.compiler.is_compiling() or kernels.backend(q, k, cos) != "triton":
+        if args or kw or not fused_rope_wanted(q):
             return hf(q, k, cos, sin, *args, **kw)
         return kernels.apply_rope(q, k, cos, sin)
     apply_rotary_pos_emb.hf = hf

@@ -290,34 +290,65 @@ def test_fused_norms_by_default_on_cuda(tiny_path, monkeypatch):
     torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
 
 
-def test_models_rotary_runs_the_kernel_where_triton_runs(tiny_path, monkeypatch):
-    """Where Triton runs (CUDA; the interpreter here) a base's attention rotates q and k with
-    kernels.apply_rope, one call per block: the same logits and gradients as Hugging Face's rotary;
-    elsewhere Hugging Face's own, bit for bit."""
+def _rotary_through_the_kernel(tiny_path, monkeypatch, device, wanted=None):
+    """A tiny base's logits and adapter gradients with its rotary through Hugging Face's ops
+    (NLA_KERNELS=torch) and where kernels.apply_rope is wanted, and the kernel's calls."""
     import sys
 
-    from kernels.dispatch import interpreting
-    if not interpreting():
-        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
-    base = load_base(tiny_path, device="cpu")
+    from nla import models
+    base = load_base(tiny_path, device=device, dtype=torch.float32)
     lora.attach(base.model, {"av": 4})
+    base.model.to(device)
+    if wanted:
+        monkeypatch.setattr(models, "fused_rope_wanted", wanted)
     calls = []
     rope = sys.modules["kernels.rope"]
     real = rope.apply_rope_triton
     monkeypatch.setattr(rope, "apply_rope_triton", lambda *a: calls.append(1) or real(*a))
-    ids = torch.tensor([[5, 9, 14, 3, 7, 7, 2], [8, 1, 4, 4, 11, 6, 3]])
+    ids = torch.tensor([[5, 9, 14, 3, 7, 7, 2], [8, 1, 4, 4, 11, 6, 3]], device=device)
     outs = {}
     for impl in ("torch", "triton", "torch"):
         monkeypatch.setenv("NLA_KERNELS", impl)
         base.model.zero_grad(set_to_none=True)
         with lora.use(base.model, "av"):
             logits = base.model(input_ids=ids).logits
-        (logits.float() * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+        (logits.float() * torch.linspace(-1, 1, logits.shape[-1], device=device)).sum().backward()
         got = (logits.detach(), [p.grad.clone() for p in lora.params(base.model, "av")])
         if impl in outs:  # the torch path again: the same to the bit
             assert torch.equal(got[0], outs[impl][0])
         outs[impl] = got
+    return base, outs, calls
+
+
+def test_models_rotary_runs_the_kernel_where_wanted(tiny_path, monkeypatch):
+    """Where kernels.apply_rope is wanted (CUDA; here forced, under the interpreter) a base's
+    attention rotates q and k with it, one call per block: the same logits and gradients as
+    Hugging Face's rotary; elsewhere Hugging Face's own, bit for bit."""
+    from kernels.dispatch import backend, interpreting
+    if not interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    base, outs, calls = _rotary_through_the_kernel(tiny_path, monkeypatch, "cpu",
+                                                   wanted=lambda q: backend(q) == "triton")
     assert len(calls) == base.n_layers
     torch.testing.assert_close(outs["triton"][0], outs["torch"][0], rtol=1e-5, atol=1e-5)
     for a, b in zip(outs["triton"][1], outs["torch"][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_models_rotary_is_hugging_faces_on_a_cpu(tiny_path, monkeypatch):
+    """On a CPU, even where Triton is forced for the other kernels (NLA_KERNELS=triton under the
+    interpreter), the rotary stays Hugging Face's: no kernel call, the same numbers to the bit."""
+    _, outs, calls = _rotary_through_the_kernel(tiny_path, monkeypatch, "cpu")
+    assert calls == [] and torch.equal(outs["triton"][0], outs["torch"][0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_models_rotary_runs_the_kernel_on_cuda(tiny_path, monkeypatch):
+    """On CUDA a base's rotary goes through kernels.apply_rope unasked, one call per block, with
+    Hugging Face's values and gradients (fp32)."""
+    base, outs, calls = _rotary_through_the_kernel(tiny_path, monkeypatch, "cuda")
+    assert len(calls) == base.n_layers
+    torch.testing.assert_close(outs["triton"][0], outs["torch"][0], rtol=1e-4, atol=1e-4)
+    for a, b in zip(outs["triton"][1], outs["torch"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
