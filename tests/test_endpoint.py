@@ -52,15 +52,17 @@ def handler(state: Server):
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": answer(user)},
                                      "finish_reason": "stop"}],
                         "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                for k, v in {"Content-Type": "application/json", "Content-Length": str(len(data)), **headers}.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
             finally:
+                # before the reply: once the client has it, its thread may send the next request
+                # before this one would get to count itself out (max_in_flight read 5 of 4 once)
                 with state.lock:
                     state.in_flight -= 1
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            for k, v in {"Content-Type": "application/json", "Content-Length": str(len(data)), **headers}.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(data)
     return Handler
 
 
