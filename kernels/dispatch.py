@@ -80,21 +80,21 @@ def sm_count(device: torch.device) -> int:
     return _SMS[i]
 
 
+def _poisoned(out: torch.Tensor) -> torch.Tensor:
+    if os.environ.get("NLA_KERNELS_POISON") == "1":
+        out.fill_(float("nan") if out.dtype.is_floating_point else -1)
+    return out
+
+
 def empty(shape, dtype, device) -> torch.Tensor:
     """Output buffers of the Triton paths. With NLA_KERNELS_POISON=1 they start as NaN (or -1),
     so a parity test sees any element a kernel forgot to write."""
-    if os.environ.get("NLA_KERNELS_POISON") == "1":
-        fill = float("nan") if dtype.is_floating_point else -1
-        return torch.full(shape, fill, dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+    return _poisoned(torch.empty(shape, dtype=dtype, device=device))
 
 
 def empty_like(x: torch.Tensor) -> torch.Tensor:
-    """empty() with x's layout where x is dense (torch.empty_like's rule), poisoned alike."""
-    out = torch.empty_like(x)
-    if os.environ.get("NLA_KERNELS_POISON") == "1":
-        out.fill_(float("nan") if x.dtype.is_floating_point else -1)
-    return out
+    """empty() with x's layout where x is dense (torch.empty_like's rule)."""
+    return _poisoned(torch.empty_like(x))
 
 
 def pow2(n: int, lo: int = 16) -> int:

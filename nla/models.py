@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import kernels
+
 from . import switches
 from .errors import NLAError
 
@@ -179,7 +181,6 @@ def load_base(spec: str = EMBEDDED_ALIAS, device: str | None = None, dtype: torc
     if not load_in_4bit:
         model.to(dev)
     else:
-        import kernels
         kernels.nf4.keep_standard_layout(model)
     fused_ops(model)
     model.eval()
@@ -225,13 +226,11 @@ def fused_rope_wanted(q: torch.Tensor) -> bool:
     """kernels.apply_rope for this call? On CUDA where Triton runs (NLA_KERNELS=torch says no),
     outside a compiled step (Inductor fuses Hugging Face's rotary itself). Not under the Triton
     interpreter on a CPU, where it would only slow the tests that force Triton for other kernels."""
-    import kernels
     return not torch.compiler.is_compiling() and q.is_cuda and kernels.backend(q) == "triton"
 
 
 def _fused_rotary(hf):
     """Hugging Face's apply_rotary_pos_emb, with kernels.apply_rope where fused_rope_wanted."""
-    import kernels
 
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kw):
         if args or kw or not fused_rope_wanted(q):
