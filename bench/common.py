@@ -99,15 +99,16 @@ def random_base(shape: str, device="cuda", dtype=torch.bfloat16, nf4: bool = Fal
                 cfg.hidden_size, quant="nf4" if nf4 else "none")
 
 
-def nla_on(base, layer: int, rank: int = 16, scale: float = 100.0):
-    """Adapters, head and spec for `base` without a dataset (a made-up mean-MSE baseline)."""
+def nla_on(base, layer: int, rank: int = 16, scale: float = 100.0, foreach: bool | None = None):
+    """Adapters, head and spec for `base` without a dataset (a made-up mean-MSE baseline);
+    foreach: the optimizers' (None: torch's choice for the device)."""
     lora.attach(base.model, {"av": rank, "ref": rank, "ar": rank})
     for p in lora.params(base.model, "ref"):
         p.requires_grad_(False)
     spec = build_spec(base, layer, {"injection_scale": scale, "mse_mean": {"train": 1.0}}, "replace", rank, rank)
     head = ARHead(base.d_model).to(base.device)
-    opt_av = torch.optim.AdamW(lora.params(base.model, "av"), lr=1e-5)
-    opt_ar = torch.optim.AdamW(lora.params(base.model, "ar") + list(head.parameters()), lr=1e-5)
+    opt_av = torch.optim.AdamW(lora.params(base.model, "av"), lr=1e-5, foreach=foreach)
+    opt_ar = torch.optim.AdamW(lora.params(base.model, "ar") + list(head.parameters()), lr=1e-5, foreach=foreach)
     return spec, head, opt_av, opt_ar
 
 

@@ -11,9 +11,13 @@ GPU's choices (no common-prefix level, the reference's log-probs from the rollou
   many of those the fused norms and rotary take away where they run (a GPU, outside compiled steps:
   nla.models.fused_ops): calls of each, forward and backward, times Hugging Face's kernels per call
   (counted too) less the one fused kernel each way;
-- one decode step of the rollout (ops of a rollout at cap 12 less cap 4, over 8 steps).
+- one decode step of the rollout (ops of a rollout at cap 12 less cap 4, over 8 steps, after a
+  warm-up rollout);
+- --top N: the update's N most dispatched kernels (at the first --micro), where to cut next.
 
-    NLA_KERNELS=torch python bench/ops.py [--shape thin-7b] [--micro 16,64]
+The optimizer steps run foreach, as CUDA's default does.
+
+    NLA_KERNELS=torch python bench/ops.py [--shape thin-7b] [--micro 16,64] [--top 20]
 """
 import os
 import sys
@@ -76,12 +80,18 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="thin-7b", choices=list(SHAPES))
     ap.add_argument("--micro", default="16,64", help="comma-separated rows per chunk")
+    ap.add_argument("--top", type=int, default=0, help="print the update's N most dispatched kernels")
     a = ap.parse_args()
     torch.manual_seed(0)
     base = random_base(a.shape, torch.device("cpu"), torch.bfloat16, nf4=True)
-    spec, head, opt_av, opt_ar = nla_on(base, SHAPES[a.shape][2], rank=8, scale=150.0)
+    # the optimizer steps as CUDA's default runs them (foreach: one op per list of tensors), not the
+    # per-tensor loop torch picks on a CPU (~6k ops of a micro-16 update that a GPU never sees)
+    spec, head, opt_av, opt_ar = nla_on(base, SHAPES[a.shape][2], rank=8, scale=150.0, foreach=True)
     vecs = torch.randn(8, base.d_model).repeat_interleave(8, 0)
     lora.enable_checkpointing(base.model)
+    # the first rollout also pays one-time work (lazy state, the side-by-side adapters' buffers):
+    # counted in a cap-4 run it made the per-step difference ~400 kernels too small (1,320 for 1,722)
+    rollout(base, spec, vecs, 4, 1.0, torch.Generator().manual_seed(0), G=8)
     steps = {}
     for cap in (4, 12):
         c, samples = counted(lambda: rollout(base, spec, vecs, cap, 1.0, torch.Generator().manual_seed(0), G=8))
@@ -131,6 +141,9 @@ def main():
         print(f"update, micro {micro}: {sum(c.ops.values()):,} ops dispatched, {c.kernels():,} not views; norms "
               f"{calls['norm fwd']} forward / {calls['norm bwd']} backward, rotary {calls['rotary fwd']} / "
               f"{calls['rotary bwd']}: {saved:,} fewer where fused", flush=True)
+        if a.top:
+            print("  " + ", ".join([f"{op} {n:,}" for op, n in c.ops.most_common() if op not in VIEWS][:a.top]))
+            a.top = 0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ A 4-bit base's siblings likewise become one nf4 weight, one product through the 
 bitsandbytes' op (their bytes moved into one buffer that bitsandbytes' weights are views of).
 `NLA_FUSED_SAMPLING=0|1` overrides (a CPU's GEMMs are compute-bound: there it is off). Training
 on a bf16 or 4-bit base casts the adapters to the compute dtype once per phase (`training_weights`),
-with autograd to the fp32 masters, not at every call.
+not at every call; each backward adds the copies' gradients into the fp32 masters.
 
 The switch is state outside the autograd graph, so gradient checkpointing must replay it: a
 block recomputed in backward runs after `use(...)` has already restored another role, and would
@@ -391,28 +391,46 @@ def inference_weights(model: nn.Module, role: str | None, dtype: torch.dtype):
 
 @contextlib.contextmanager
 def training_weights(model: nn.Module, *roles: str):
-    """The roles' adapters in the compute dtype for a phase of training, cast once on entry with
-    autograd to the fp32 masters: every product in the phase reads these copies (the sampling
-    path's products, (A, s B)), and each backward sends their gradients through one cast and scale
-    per parameter, where a cast per projection call cost two casts and a scale in its forward and
-    its recomputation (three kernels and their ops each; bench/RESULTS.md). Leave it before the
-    optimizer step (the copies are stale after it). Nothing to do for fp32 adapters on an fp32
-    base."""
+    """The roles' adapters in the compute dtype for a phase of training, cast once on entry: every
+    product in the phase reads these copies (the sampling path's products, (A, s B)), where a cast
+    per projection call cost two casts and a scale in its forward and its recomputation (three
+    kernels and their ops each; bench/RESULTS.md). The copies are leaves: each backward leaves a
+    copy's gradient as soon as its block is done, and a hook adds it (times s for B) into the fp32
+    master's .grad in one op and frees it. Copies cast with autograd sent every backward's gradients
+    through a cast and a scale per parameter (~3 kernels, ~4k of a micro-16 7B update), and since
+    those casts were the graph's oldest nodes, autograd ran them last, holding every bf16 gradient
+    to the end of each backward. Leave it before the optimizer step (the copies are stale after
+    it); backwards after it no longer reach the masters. Nothing to do for fp32 adapters on an
+    fp32 base."""
     mods, dtype = [m for _, m in _wrapped(model)], model.get_input_embeddings().weight.dtype
     if dtype == torch.float32 or not mods:
         yield
         return
-    adapters = [m.adapters[r] for m in mods for r in roles]
+    adapters, hooks = [m.adapters[r] for m in mods for r in roles], []
     try:
         for a in adapters:
-            # mul.Scalar keeps the scale as a number, not a tensor that the first backward would free:
-            # like a cast it saves nothing, so every backward of the phase (micro-batches, held
-            # prompts) may pass through it
-            a.cast = (a.A.to(dtype), torch.ops.aten.mul.Scalar(a.B, a.scale).to(dtype))
+            with torch.no_grad():
+                a.cast = (a.A.to(dtype), (a.B * a.scale).to(dtype))
+            for copy, master, s in zip(a.cast, (a.A, a.B), (1.0, a.scale)):
+                if master.requires_grad:
+                    copy.requires_grad_()
+                    hooks.append(copy.register_post_accumulate_grad_hook(_into_master(master, s)))
         yield
     finally:
+        for h in hooks:
+            h.remove()
         for a in adapters:
             a.cast = None
+
+
+def _into_master(master: torch.Tensor, s: float):
+    def hook(copy: torch.Tensor) -> None:
+        g, copy.grad = copy.grad, None
+        if master.grad is None:  # a phase's first backward: as the cast's backward did, to the bit
+            master.grad = g.to(master.dtype) if s == 1.0 else g.to(master.dtype).mul_(s)
+        else:
+            master.grad.add_(g, alpha=s)  # one op: the bf16 gradient read once, summed in fp32
+    return hook
 
 
 @contextlib.contextmanager

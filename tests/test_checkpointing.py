@@ -176,6 +176,44 @@ def test_update_casts_each_adapter_once_per_phase(tiny_path, monkeypatch):
             torch.testing.assert_close(d_new[k], d_old[k], rtol=0.05, atol=0.02 * scale)
 
 
+def test_training_weights_hand_each_gradient_to_its_master_when_its_block_is_done(tiny_path):
+    """The phase's bf16 copies pass their gradients to the fp32 masters as soon as backward is done
+    with their block, and keep none: the last block's masters have theirs before backward reaches
+    the first block (copies cast with autograd were the graph's oldest nodes, so autograd ran their
+    casts last, holding every copy's gradient to the end), and a second backward adds to them."""
+    base, spec, head = _setup(tiny_path, False, "replace", dtype=torch.bfloat16)
+    vecs = torch.randn(len(TEXTS), base.d_model, generator=torch.Generator().manual_seed(2))
+    resp = [target_ids(base.tokenizer, t) for t in TEXTS]
+    layers = base.model.model.layers
+    last = [p for n, p in base.model.named_parameters() if f"layers.{len(layers) - 1}." in n and ".av." in n]
+    assert len(last) == 2 * len(lora.TARGETS)
+    seen, before = [], []
+
+    def delivered(g):  # in this backward: the master's gradient is new or has changed
+        seen[-1] = sum(p.grad is not None and (b is None or not torch.equal(p.grad, b)) for p, b in zip(last, before))
+
+    def hook(module, args, out):
+        (out[0] if isinstance(out, tuple) else out).register_hook(delivered)
+    handle = layers[0].register_forward_hook(hook)
+    try:
+        with lora.training_weights(base.model, "av"):
+            copies = [c for _, m in lora._wrapped(base.model) for c in m.adapters["av"].cast]
+            for i in range(2):
+                before[:] = [None if p.grad is None else p.grad.clone() for p in last]
+                seen.append(None)
+                lp, mask = response_logprobs(base, spec, vecs, resp, "av")
+                (-(lp * mask).sum() / mask.sum()).backward()
+                assert all(c.grad is None for c in copies)
+                if i == 0:
+                    once = [p.grad.clone() for p in last]
+    finally:
+        handle.remove()
+    # when backward was last at the first block (of any of the passes), every time
+    assert seen == [len(last), len(last)], seen
+    for p, g in zip(last, once):  # the same rows twice: twice the first backward's gradient
+        torch.testing.assert_close(p.grad, 2 * g, rtol=1e-6, atol=0)
+
+
 def _out_of_memory_once(fn):
     """fn, except that its second call with gradients on a chunk of more than one row raises a GPU
     out-of-memory error: after the first chunk's backward has added its gradients."""
