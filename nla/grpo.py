@@ -110,6 +110,17 @@ def _by_length(lengths: list[int], micro: int) -> list[int]:
     return sorted(range(n), key=lambda i: -lengths[i])  # stable: ties keep the sampled order
 
 
+# a GPU out of memory outside torch's allocator: a library's own allocation (a cuBLAS or cuDNN
+# handle's workspace, a bare cudaMalloc) fails with a RuntimeError that says so (accelerate's
+# should_reduce_batch_size matches such messages too)
+_OUT_OF_MEMORY = ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
+def out_of_gpu_memory(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and any(m in str(e) for m in _OUT_OF_MEMORY))
+
+
 def fitting(phase, micro: int, n: int, opt, name: str):
     """phase(micro) (an update's phase over n rows in chunks of micro, 0: all), and the micro it
     ran at. After a GPU out-of-memory error the attempt's gradients are dropped and the phase runs
@@ -120,7 +131,9 @@ def fitting(phase, micro: int, n: int, opt, name: str):
         opt.zero_grad(set_to_none=True)
         try:
             return phase(micro), micro
-        except torch.OutOfMemoryError:
+        except RuntimeError as e:  # torch.OutOfMemoryError is one
+            if not out_of_gpu_memory(e):
+                raise
             rows = micro if 0 < micro < n else n
             if rows <= 1:
                 raise NLAError(f"out of GPU memory in the {name} phase even at one row per chunk: try "

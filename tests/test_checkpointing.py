@@ -248,6 +248,34 @@ def test_update_out_of_gpu_memory_retries_with_half_the_rows(tiny_path, monkeypa
     assert m0["kl"] == pytest.approx(m1["kl"], rel=1e-4)
 
 
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (faked)"),
+    RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported")])
+def test_fitting_halves_the_chunks_on_every_kind_of_gpu_out_of_memory(error, capsys):
+    """Out of memory in torch's allocator or in a library's own (cuBLAS's workspace): each retried
+    at half the rows; any other error passes through at once, untouched."""
+    from nla.grpo import fitting
+    zeroed, tried = [], []
+
+    class Opt:
+        def zero_grad(self, set_to_none=True):
+            zeroed.append(set_to_none)
+
+    def phase(micro, fail=error):
+        tried.append(micro)
+        if micro == 0 or micro > 2:  # 0: all 8 rows at once
+            raise fail
+        return "done"
+    assert fitting(phase, 0, 8, Opt(), "AR") == ("done", 2)
+    assert tried == [0, 4, 2] and zeroed == [True] * 3
+    assert capsys.readouterr().out.count("out of GPU memory in the AR phase") == 2
+    tried.clear()
+    with pytest.raises(RuntimeError, match="same device") as e:
+        fitting(lambda m: phase(m, RuntimeError("Expected all tensors to be on the same device")), 8, 8, Opt(), "AR")
+    assert tried == [8] and not isinstance(e.value, torch.OutOfMemoryError)
+
+
 def test_update_out_of_gpu_memory_at_one_row_says_what_to_do(tiny_path, monkeypatch):
     from nla import grpo
     from nla.errors import NLAError
