@@ -166,6 +166,25 @@ def _compile_wanted(model, device: torch.device, n: int, dtype: torch.dtype) -> 
     return not any(_quantised(m) for m in model.modules()) or _all_nf4_kernel(model, n, dtype)
 
 
+def _written_at(layer):
+    """A static cache layer's update whose one-token steps write their key and value at the slot
+    its fill counter holds (a 0-d tensor, so one graph serves every step) and advance it: three
+    kernels a layer, where Hugging Face's builds the slot as arange(1) + counter first (five:
+    ~56 more in a 28-block step that is not compiled, a 4-bit base's). Prefill (several tokens)
+    goes through Hugging Face's."""
+    hf = layer.update
+
+    def update(key_states, value_states, *args, **kwargs):
+        if key_states.shape[-2] != 1 or not layer.is_initialized:
+            return hf(key_states, value_states, *args, **kwargs)
+        slot = layer.cumulative_length.view(1)
+        layer.keys.index_copy_(2, slot, key_states)
+        layer.values.index_copy_(2, slot, value_states)
+        layer.cumulative_length.add_(1)  # the masks read it: the queries' offset
+        return layer.keys, layer.values
+    return update
+
+
 class Decoder:
     """Prefill + one-token steps on a static KV cache, for n rows of prompt + cap tokens."""
 
@@ -179,6 +198,9 @@ class Decoder:
         self.kw = _cache_kw(model)
         self.tok = torch.zeros((n, 1), dtype=torch.long, device=self.device)  # the graph's inputs
         self.pos = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        for layer in getattr(self.cache, "layers", []):
+            if type(layer).__name__ == "StaticLayer":  # not the sliding window's ring
+                layer.update = _written_at(layer)
         self.graph, self.logits = None, None
         self.use_graph = _graphs_wanted(self.device)
         self.compiled = _compile_wanted(model, self.device, n, self.dtype)

@@ -348,3 +348,53 @@ def test_fused_sampling_weights_one_gemm_per_input(monkeypatch):
     for n in want:
         torch.testing.assert_close(got[n], want[n])
     assert calls_w.count(groups[0].weight.shape[0]) <= 1
+
+
+def test_decode_step_writes_each_layers_cache_without_slot_arithmetic(av_base):
+    """A one-token step writes each layer's key and value at the slot its fill counter holds, one
+    index_copy_ each, and advances the counter, with no arange + add to build the slot (Hugging
+    Face's static layer: five ops a layer), leaving the cache, counters and logits Hugging Face's
+    update does."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from nla.decoding import Decoder
+    from nla.shared_prefix import SharedPrefix
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+    spec, m = _spec(av_base), av_base.model
+    emb = m.get_input_embeddings()(V._prompt(spec, 3, "cpu"))
+    n_layers = m.config.num_hidden_layers
+    out = []
+    for ours in (True, False):
+        dec = Decoder(m, 3, 120, "av")
+        if not ours:
+            for layer in dec.cache.layers:
+                layer.__dict__.pop("update", None)  # the class's: Hugging Face's
+        with torch.no_grad(), lora.use(m, "av"):
+            prompts = SharedPrefix(m)
+            nxt = prompts.forward(m, inputs_embeds=emb, logits_to_keep=1).logits[:, -1].argmax(-1)
+            dec.prefill(prompts, torch.arange(3))
+            logits = []
+            for i in range(3):
+                c = Count()
+                with c:
+                    logits.append(dec.step(nxt))
+                nxt = logits[-1].argmax(-1)
+        out.append((torch.stack(logits), [(layer.keys.clone(), layer.values.clone(), int(layer.cumulative_length))
+                                          for layer in dec.cache.layers], c.ops))
+    ours, hf = out[0][2], out[1][2]
+    assert ours["index_copy_"] == hf["index_copy_"] == 2 * n_layers
+    assert [hf[op] - ours[op] for op in ("arange", "add")] == [n_layers] * 2, (ours, hf)
+    assert ours["add_"] == hf["add_"] and sum(hf.values()) - sum(ours.values()) == n_layers  # one view more a layer
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=0, atol=0)
+    for (k0, v0, n0), (k1, v1, n1) in zip(out[0][1], out[1][1]):
+        assert torch.equal(k0, k1) and torch.equal(v0, v1) and n0 == n1
