@@ -12,8 +12,9 @@ GPU's choices (no common-prefix level, the reference's log-probs from the rollou
   nla.models.fused_ops): calls of each, forward and backward, times Hugging Face's kernels per call
   (counted too) less the one fused kernel each way;
 - one decode step of the rollout (ops of a rollout at cap 12 less cap 4, over 8 steps, after a
-  warm-up rollout);
-- --top N: the update's N most dispatched kernels (at the first --micro), where to cut next.
+  warm-up rollout; checked to be the same over steps 4-12 and 12-20);
+- --top N: the N most dispatched kernels of the decode step and of the update (at the first
+  --micro), where to cut next.
 
 The optimizer steps run foreach, as CUDA's default does.
 
@@ -80,7 +81,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="thin-7b", choices=list(SHAPES))
     ap.add_argument("--micro", default="16,64", help="comma-separated rows per chunk")
-    ap.add_argument("--top", type=int, default=0, help="print the update's N most dispatched kernels")
+    ap.add_argument("--top", type=int, default=0, help="print the decode step's and the update's N most dispatched kernels")
     a = ap.parse_args()
     torch.manual_seed(0)
     base = random_base(a.shape, torch.device("cpu"), torch.bfloat16, nf4=True)
@@ -93,10 +94,11 @@ def main():
     # counted in a cap-4 run it made the per-step difference ~400 kernels too small (1,320 for 1,722)
     rollout(base, spec, vecs, 4, 1.0, torch.Generator().manual_seed(0), G=8)
     steps = {}
-    for cap in (4, 12):
+    for cap in (4, 12, 20):  # 8 steps apart: one stop check each (verbalizer.CHECK_EVERY)
         c, samples = counted(lambda: rollout(base, spec, vecs, cap, 1.0, torch.Generator().manual_seed(0), G=8))
         steps[cap] = c
     per_step = (steps[12].kernels() - steps[4].kernels()) / 8
+    later = (steps[20].kernels() - steps[12].kernels()) / 8  # the stop checks' ops depend a little on the length
     all_closed(samples)
 
     norm = next(m for m in base.model.modules() if type(m).__name__ in models.RMS_NORMS)
@@ -108,9 +110,14 @@ def main():
                                     getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     print(f"{base.name}: Hugging Face's kernels per call, forward / backward: norm {nf} / {nb}, rotary (q and k) "
           f"{rf} / {rb}; fused: 1 / 1 each")
-    print(f"decode step ({a.shape}, 64 rows + twins): {per_step:,.0f} non-view ops; fused norms and rotary: "
+    print(f"decode step ({a.shape}, 64 rows + twins): {per_step:,.0f} non-view ops "
+          f"(steps 12-20: {later:,.1f}); fused norms and rotary: "
           f"{2 * base.n_layers + 1} x {nf - 1} + {base.n_layers} x {rf - 1} = "
           f"{(2 * base.n_layers + 1) * (nf - 1) + base.n_layers * (rf - 1):,} fewer")
+    if a.top:
+        step_ops = steps[12].ops.copy()
+        step_ops.subtract(steps[4].ops)
+        print("  " + ", ".join([f"{op} {n / 8:,.0f}" for op, n in step_ops.most_common() if op not in VIEWS][:a.top]))
 
     calls = collections.Counter()
     orig_norm, orig_rot = type(norm).forward, mod.apply_rotary_pos_emb
@@ -141,9 +148,8 @@ def main():
         print(f"update, micro {micro}: {sum(c.ops.values()):,} ops dispatched, {c.kernels():,} not views; norms "
               f"{calls['norm fwd']} forward / {calls['norm bwd']} backward, rotary {calls['rotary fwd']} / "
               f"{calls['rotary bwd']}: {saved:,} fewer where fused", flush=True)
-        if a.top:
+        if a.top and micro == int(a.micro.split(",")[0]):
             print("  " + ", ".join([f"{op} {n:,}" for op, n in c.ops.most_common() if op not in VIEWS][:a.top]))
-            a.top = 0
 
 
 if __name__ == "__main__":

@@ -164,9 +164,13 @@ def test_ops_bench_counts_on_a_tiny_shape():
     import subprocess
     import sys
     env = {**os.environ, "NLA_KERNELS": "torch"}
-    r = subprocess.run([sys.executable, "bench/ops.py", "--shape", "tiny", "--micro", "64"],
+    r = subprocess.run([sys.executable, "bench/ops.py", "--shape", "tiny", "--micro", "64", "--top", "5"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    step, later = (float(x.replace(",", "")) for x in re.search(r"([\d,.]+) non-view ops \(steps 12-20: ([\d,.]+)\)",
+                                                                  r.stdout).groups())
+    assert abs(step - later) < 0.01 * step, r.stdout  # no one-time work in the per-step count
+    assert len(re.findall(r"^  \w+ [\d,]+(, \w+ [\d,]+){4}$", r.stdout, re.M)) == 2, r.stdout  # --top: step, update
     nf, nb, rf, rb = map(int, re.search(r"norm (\d+) / (\d+), rotary \(q and k\) (\d+) / (\d+)", r.stdout).groups())
     assert nf > 1 and nb > 1 and rf > 1 and rb > 1
     m = re.search(r"norms (\d+) forward / (\d+) backward, rotary (\d+) / (\d+): ([\d,]+) fewer", r.stdout)
