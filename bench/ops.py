@@ -12,7 +12,7 @@ GPU's choices (no common-prefix level, the reference's log-probs from the rollou
   nla.models.fused_ops): calls of each, forward and backward, times Hugging Face's kernels per call
   (counted too) less the one fused kernel each way;
 - one decode step of the rollout (ops of a rollout at cap 12 less cap 4, over 8 steps, after a
-  warm-up rollout; checked to be the same over steps 4-12 and 12-20);
+  warm-up rollout; printed beside steps 12-20's, a check that no one-time work is in it);
 - --top N: the N most dispatched kernels of the decode step and of the update (at the first
   --micro), where to cut next.
 
@@ -91,7 +91,7 @@ def main():
     vecs = torch.randn(8, base.d_model).repeat_interleave(8, 0)
     lora.enable_checkpointing(base.model)
     # the first rollout also pays one-time work (lazy state, the side-by-side adapters' buffers):
-    # counted in a cap-4 run it made the per-step difference ~400 kernels too small (1,320 for 1,722)
+    # counted in a cap-4 run it made the per-step difference ~400 kernels too small (1,320 for ~1,720)
     rollout(base, spec, vecs, 4, 1.0, torch.Generator().manual_seed(0), G=8)
     steps = {}
     for cap in (4, 12, 20):  # 8 steps apart: one stop check each (verbalizer.CHECK_EVERY)

@@ -116,7 +116,7 @@ def _by_length(lengths: list[int], micro: int) -> list[int]:
 _OUT_OF_MEMORY = ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
 
 
-def out_of_gpu_memory(e: BaseException) -> bool:
+def _out_of_gpu_memory(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or (
         isinstance(e, RuntimeError) and any(m in str(e) for m in _OUT_OF_MEMORY))
 
@@ -132,7 +132,7 @@ def fitting(phase, micro: int, n: int, opt, name: str):
         try:
             return phase(micro), micro
         except RuntimeError as e:  # torch.OutOfMemoryError is one
-            if not out_of_gpu_memory(e):
+            if not _out_of_gpu_memory(e):
                 raise
             rows = micro if 0 < micro < n else n
             if rows <= 1:
