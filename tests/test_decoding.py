@@ -355,21 +355,9 @@ def test_decode_step_writes_each_layers_cache_without_slot_arithmetic(av_base):
     index_copy_ each, and advances the counter, with no arange + add to build the slot (Hugging
     Face's static layer: five ops a layer), leaving the cache, counters and logits Hugging Face's
     update does."""
-    import collections
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+    from bench.ops import Count
     from nla.decoding import Decoder
     from nla.shared_prefix import SharedPrefix
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops[func.overloadpacket.__name__] += 1
-            return func(*args, **(kwargs or {}))
     spec, m = _spec(av_base), av_base.model
     emb = m.get_input_embeddings()(V._prompt(spec, 3, "cpu"))
     n_layers = m.config.num_hidden_layers
