@@ -1,13 +1,15 @@
 """Shared bits of the benchmarks: random-weight models of real shapes, a synthetic NLA set-up on
-any base, timing helpers and the memory roofline of a decode step.
+any base, timing helpers, the memory roofline of a decode step, and a count of dispatched ops.
 
 Random weights because no real weights reach the GPU machine (no network, 64 MiB per call):
 speed and memory depend on shapes, not on values.
 """
+import collections
 import os
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nla import lora
 from nla.models import fused_ops
@@ -266,3 +268,28 @@ def profile_ops(what, fn, dev, rows, extra=lambda: ""):
                  for k, (wall, busy, n) in sorted(phases.items())]
         print(f"phase (host wall ms{' / device ms' if cuda else ''}, calls): " + ", ".join(cells))
     print(flush=True)
+
+
+# ops a dispatch mode sees that launch no kernel: views, and the host's read of a scalar
+VIEWS = {"view", "_unsafe_view", "detach", "t", "transpose", "unsqueeze", "squeeze", "expand", "slice", "select",
+         "alias", "as_strided", "permute", "reshape", "_local_scalar_dense"}
+
+
+class Count(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    def kernels(self) -> int:
+        return sum(n for op, n in self.ops.items() if op not in VIEWS)
+
+
+def counted(fn):
+    c = Count()
+    with c:
+        out = fn()
+    return c, out

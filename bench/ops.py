@@ -31,30 +31,8 @@ import argparse
 import collections
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-VIEWS = {"view", "_unsafe_view", "detach", "t", "transpose", "unsqueeze", "squeeze", "expand", "slice", "select",
-         "alias", "as_strided", "permute", "reshape", "_local_scalar_dense"}
-
-
-class Count(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-    def kernels(self) -> int:
-        return sum(n for op, n in self.ops.items() if op not in VIEWS)
-
-
-def counted(fn):
-    c = Count()
-    with c:
-        out = fn()
-    return c, out
+from bench.common import VIEWS, counted
 
 
 def hf_kernels(norm, rotary, d: int, head: int):

@@ -355,7 +355,7 @@ def test_decode_step_writes_each_layers_cache_without_slot_arithmetic(av_base):
     index_copy_ each, and advances the counter, with no arange + add to build the slot (Hugging
     Face's static layer: five ops a layer), leaving the cache, counters and logits Hugging Face's
     update does."""
-    from bench.ops import Count
+    from bench.common import Count
     from nla.decoding import Decoder
     from nla.shared_prefix import SharedPrefix
     spec, m = _spec(av_base), av_base.model
