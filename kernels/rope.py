@@ -2,9 +2,9 @@
 
 Hugging Face's `apply_rotary_pos_emb` (Llama, Mistral, Qwen2/3) is ten small kernels per
 attention call (for q and for k: a product with cos, a negation and a concatenation for
-`rotate_half`, a product with sin, a sum) and about as many in backward. In an RL update of a
-7B-deep model that is ~7k kernels of ~66k, and in a 4-bit decode step (captured, not compiled)
-280 of ~1,700 (counted on a CPU). Here one program per (row, position) reads that position's
+`rotate_half`, a product with sin, a sum) and 16 in backward. In an RL update of a 7B-deep
+model that is ~7k kernels of ~59k, and in a 4-bit decode step (captured, not compiled) 280 of
+~1,700 (bench/ops.py). Here one program per (row, position) reads that position's
 cos and sin once and rotates every query and key head: one kernel forward, one backward.
 
     out[:h] = x[:h] cos[:h] - x[h:] sin[:h]        h = head_dim / 2 (Hugging Face's rotate_half)

@@ -136,9 +136,10 @@ def test_rope_forward_and_grad(dtype, B, Hq, Hk, T, D, Bc, layout):
     assert not any(x.isnan().any() for x in outs[1])
     for a, b in zip(outs[1], outs[0]):
         torch.testing.assert_close(a, b, **tol(dtype))
-    def layout(x):
+
+    def strides(x):  # of the dimensions that have more than one element
         return [st for st, n in zip(x.stride(), x.shape) if n > 1]
-    assert layout(outs[1][0]) == layout(outs[0][0])  # Hugging Face's layout
+    assert strides(outs[1][0]) == strides(outs[0][0])  # Hugging Face's layout
 
 
 @needs_triton
