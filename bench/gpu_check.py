@@ -19,9 +19,10 @@ failure or hang does not eat the rest, and ends with a one-screen summary:
                that reads the cache up to its fill against SDPA, the rotary embedding against Hugging
                Face's
     e2e        collect -> train --preset gpu (scaled down) -> explain -> eval on a random model
-    profile, memory-compiled, nf4-sweep, memory-torch, memory-nf4, memory-plans
-               diagnoses: the decode step's and the update's kernels at 1.5B, the 7B step with
-               bitsandbytes' decode step compiled, the nf4 kernel's tiles by device time, the 7B
+    profile, memory-merged, memory-compiled, nf4-sweep, memory-torch, memory-nf4, memory-plans
+               diagnoses: the decode step's and the update's kernels at 1.5B, the 7B step sampling
+               from merged copies of its 4-bit weights (the second call's first job), the 7B step
+               with bitsandbytes' decode step compiled, the nf4 kernel's tiles by device time, the 7B
                step with torch kernels, the 7B step with its rollout through the nf4 kernel (if the
                nf4 stage shows the kernel beating bitsandbytes, this is the second call's job,
                before nf4-sweep), the 7B step without checkpointing
@@ -46,6 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 RANDOM_MODEL = "/tmp/nla-gpu-check/random-smollm2"
+M = "env NLA_MERGE_SAMPLING=0 "  # a 4-bit base's step from its 4-bit weights (lora.merge_wanted)
 
 # (name, cap in seconds, command, what to quote in the summary)
 STAGES = [
@@ -76,7 +78,8 @@ STAGES = [
     # (one chunk: 2.6x fewer ops than micro 16, counted on a CPU; does it fit in 20 GB?), then the
     # rollout with the reference's twins and without, and the update with the reference forward
     # (the plans without checkpointing: stage memory-plans)
-    ("memory", 180, f"{PY} bench/memory.py --steps 2 --plans ckpt:16,ckpt:64 --rollout-ab --profile",
+    # (the copies, not merged: what a 24 GB card runs, the <= 20 GB target; merged: memory-merged)
+    ("memory", 180, f"{M}{PY} bench/memory.py --steps 2 --plans ckpt:16,ckpt:64 --rollout-ab --profile",
      r"built in|RL step|peak GPU|step \d|out of|decode step|rollout|reference forward|^phase"),
     # diagnosis, on request: the compiled decode step's kernels, and the update per kernel mode
     # with the modes' order reversed (is the Triton mode's slower AR phase kernels or warm-up?)
@@ -86,21 +89,27 @@ STAGES = [
     # which nf4 tile, pipeline depth and code table the H200 likes (the tiles were chosen by
     # instruction counts, which did not predict its speed; all of them kept ~1 program per SM)
     ("nf4-sweep", 120, f"{PY} bench/kernels.py --only nf4-sweep", r"best|copy bandwidth"),
+    # the 7B step sampling from merged copies of the 4-bit weights (dequantised once a rollout, plus
+    # s B A: ~13 GB more, what training does where they fit twice over in free memory, as on an
+    # H100/H200): a compiled step through cuBLAS at ~2 bytes a weight, against bitsandbytes' ~4.5
+    # and its ~20 ms a step; no twins, so the update runs the reference forward. Compiles (~60 s?)
+    ("memory-merged", 200, f"env NLA_MERGE_SAMPLING=1 {PY} bench/memory.py --steps 2 --plans ckpt:64 --rollout-ab",
+     r"built in|RL step|decode step|step \d|peak GPU|rollout|reference forward"),
     # does bitsandbytes' 4-bit decode step pay for a compile (not by default; the nf4 kernel's 7B
     # step took ~66 s to compile)? Through its gemm op (kernels.nf4.bnb_linear) the twins' step
     # traces whole on a CPU, one graph
-    ("memory-compiled", 200, f"env NLA_COMPILE_DECODE=1 {PY} bench/memory.py --steps 2 --plans ckpt:64",
+    ("memory-compiled", 200, f"env NLA_COMPILE_DECODE=1 {M}{PY} bench/memory.py --steps 2 --plans ckpt:64",
      r"RL step|decode step|step \d|peak GPU"),
-    ("memory-torch", 100, f"env NLA_KERNELS=torch {PY} bench/memory.py --steps 3", r"RL step|peak GPU|step \d"),
+    ("memory-torch", 100, f"env NLA_KERNELS=torch {M}{PY} bench/memory.py --steps 3", r"RL step|peak GPU|step \d"),
     # the 7B step with its rollout through the nf4 kernel, its decode step compiled (~66 s at 7B):
     # worth its minutes once the nf4 stage shows the kernel (since the ninth session no load of it
     # waits where it is issued) beating bitsandbytes
-    ("memory-nf4", 200, f"env NLA_KERNELS=triton {PY} bench/memory.py --steps 2 --plans ckpt:64",
+    ("memory-nf4", 200, f"env NLA_KERNELS=triton {M}{PY} bench/memory.py --steps 2 --plans ckpt:64",
      r"RL step|decode step|step \d|peak GPU"),
     # the 7B step without checkpointing (one forward fewer per backward, a third of the update's
     # FLOPs, for ~8.5 MB of stored activations a token, 302 KB a layer counted on a CPU: tenth
     # session's RESULTS; 4 rows of 150 tokens ~5 GB, 8 rows ~10 GB, with the rest past 20 GB)
-    ("memory-plans", 200, f"{PY} bench/memory.py --steps 2 --plans full:4,full:8",
+    ("memory-plans", 200, f"{M}{PY} bench/memory.py --steps 2 --plans full:4,full:8",
      r"RL step|peak GPU|step \d|out of"),
     ("e2e", 100, "bash -c " + shlex.quote(
         f"set -e; {PY} bench/gpu_check.py --make-random-model {RANDOM_MODEL}; D=/tmp/nla-gpu-check; "
@@ -123,7 +132,7 @@ DEFAULT = ("parity", "nf4", "rl-1.5b", "memory")
 FALLBACK = {"rl-1.5b": ("nf4", "env NLA_KERNELS=torch "), "memory": ("nf4", "env NLA_KERNELS=torch ")}
 # run after the chosen stages, each only if its whole cap fits in what is left of --budget (the
 # memory stage profiles the 7B update itself now)
-EXTRA = ("memory-compiled", "nf4-sweep", "memory-torch", "profile", "memory-nf4", "memory-plans")
+EXTRA = ("memory-merged", "memory-compiled", "nf4-sweep", "memory-torch", "profile", "memory-nf4", "memory-plans")
 
 
 def setup_env(log) -> dict:

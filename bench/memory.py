@@ -6,7 +6,10 @@ decoder projections are quantised to nf4 (double quantisation) one by one, as
 explanations forced to the 150-token cap (a random model never closes its tag: the worst case),
 every one marked closed so the AR step reads all of them, the AR step and the GRPO step, with
 gradient checkpointing and micro-batches. Targets: peak <= 20 GB (a 24 GB card fits) and a
-whole step <= 4 s on one H100/H200. The reference trains this size on 16 x 80 GB GPUs.
+whole step <= 4 s on one H100/H200. The reference trains this size on 16 x 80 GB GPUs. Where
+merged sampling copies of the 4-bit weights fit twice over in free memory (~13 GB at 7B, as on an
+H100/H200: nla/lora.py, merge_wanted), training samples from them, at that cost in memory;
+NLA_MERGE_SAMPLING=0 measures what a 24 GB card runs.
 
     python bench/memory.py [--acts 8] [--group 8] [--max-new 150] [--plans ckpt:16,full:8] [--rollout-ab]
                            [--shape qwen2.5-7b|tiny] [--no-nf4] [--device cpu]
@@ -22,7 +25,7 @@ the policy's rows). `--rollout-ab` then times the rollout with the step captured
 with twins and without, and the last plan's update when it must run the reference forward.
 `--device cpu --shape tiny` runs all of that in seconds on a CPU (no memory figures): a check of
 the script itself before it spends a lent GPU's minutes (tests/test_gpu_path.py). `--device cpu
---shape thin-7b` (with NLA_COMMON_LEVEL=0 NLA_REF_IN_ROLLOUT=1, a GPU's choices) times the 7B's
+--shape thin-7b` (with NLA_COMMON_LEVEL=0 NLA_REF_IN_ROLLOUT=1 NLA_MERGE_SAMPLING=0, a 24 GB GPU's choices) times the 7B's
 depth at widths where the CPU's arithmetic is small: the host's cost of a step (in fp32; with
 `--dtype bf16` it dispatches a GPU's ops, mixed precision's casts included, but this CPU's bf16
 arithmetic then costs more than its host). `--profile`
@@ -42,14 +45,22 @@ import torch
 
 
 def how_decoded(base) -> str:
-    """How the last decoder ran its step (a failed compile or capture falls back quietly)."""
+    """How the last decoder ran its step (a failed compile or capture falls back quietly), and
+    from which weights."""
+    from nla import lora
     decs = list(base.model.__dict__.get("_nla_decoders", {}).values())
     if not decs:
         return "no decoder"
     d = decs[-1]
     if d.graph is None:
-        return "eager (capture failed)" if d.device.type == "cuda" else "eager (CPU)"
-    return "CUDA graph, compiled" if d.compiled else "CUDA graph"
+        how = "eager (capture failed)" if d.device.type == "cuda" else "eager (CPU)"
+    else:
+        how = "CUDA graph, compiled" if d.compiled else "CUDA graph"
+    if isinstance(d.role, tuple):  # lora.side_by_side: the base's own weights, adapters beside
+        return how + ", base weights + two roles' adapters"
+    if lora.merge_wanted(base.model):
+        return how + f", merged copies ({lora.merged_bytes(base.model) / 1e9:.2f} GB)"
+    return how + ", base weights + adapters"
 
 
 def twins(base, rows: int, G: int) -> str:

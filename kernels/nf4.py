@@ -142,6 +142,17 @@ def in_compute_dtype(x, module, bias) -> bool:
     return x.dtype == dt and (bias is None or bias.dtype == dt)
 
 
+def dequantize_into(out: torch.Tensor, prepared: tuple) -> None:
+    """out [N, K] (any float dtype, rows contiguous) = the weight as bitsandbytes dequantises it
+    before its own GEMM: a sampling copy of a 4-bit weight (nla/lora.py, _merge)."""
+    packed, absmax, _, N, K, blocksize = prepared
+    args = (packed.view(-1, 1), absmax, blocksize, "nf4", (N, K), out.dtype)
+    if out.is_cuda:  # its out= form: no second copy of the weight (bitsandbytes has it for CUDA only)
+        torch.ops.bitsandbytes.dequantize_4bit.out(*args, out=out)
+    else:
+        out.copy_(torch.ops.bitsandbytes.dequantize_4bit.default(*args))
+
+
 # ---------------------------------------------------------------- bitsandbytes' op, scales undone once
 def _gemm(x, prepared, bias):
     packed, absmax, _, N, K, blocksize = prepared

@@ -19,8 +19,9 @@ comparison, or if a capture ever misbehaves: a failed capture falls back to eage
 On CUDA the step is also compiled with torch.compile before it is captured: Inductor fuses the
 ~75 small kernels per block (norms, rotary, LoRA adds) that a graph still launches one by one
 (measured on an H200, 1.5B shape, batch 64: 6.1k -> 9.9k tokens/s), at the price of one compile
-per (batch, length) shape. A 4-bit base compiles by default only when every quantised weight
-of the step goes through the nf4 decode kernel (kernels.nf4, asked for by NLA_KERNELS=triton);
+per (batch, length) shape. A 4-bit base compiles by default when its step reads merged copies
+instead of the 4-bit weights (lora.merge_wanted: where they fit in memory), or when every
+quantised weight of the step goes through the nf4 decode kernel (kernels.nf4, asked for by NLA_KERNELS=triton);
 through bitsandbytes' op the step compiles whole as well (tested on CPU), but whether that pays
 for a 7B compile (the nf4 kernel's took ~66 s) is not measured yet (bench/gpu_check.py's
 memory-compiled stage); `NLA_COMPILE_DECODE=0|1` overrides. A failed compile falls back to the
@@ -157,13 +158,23 @@ def _all_nf4_kernel(model, n: int, dtype: torch.dtype) -> bool:
             and kernels.backend(emb) == "triton" and all(id(m) in served for m in model.modules() if _quantised(m)))
 
 
+def _all_merged(model) -> bool:
+    """Does a decode step read no quantised weight: every one is an adapted projection's, and
+    sampling reads merged copies instead (lora.merge_wanted: a 4-bit base's, dequantised)?"""
+    from .lora import LoRALinear, merge_wanted
+    if not merge_wanted(model):
+        return False
+    bases = {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}
+    return all(id(m) in bases for m in model.modules() if _quantised(m))
+
+
 def _compile_wanted(model, device: torch.device, n: int, dtype: torch.dtype) -> bool:
     forced = switches.forced("NLA_COMPILE_DECODE")
     if not _graphs_wanted(device):
         return False
     if forced is not None:
         return forced
-    return not any(_quantised(m) for m in model.modules()) or _all_nf4_kernel(model, n, dtype)
+    return not any(_quantised(m) for m in model.modules()) or _all_merged(model) or _all_nf4_kernel(model, n, dtype)
 
 
 def _written_at(layer):

@@ -6,9 +6,14 @@ shared by the whole model says which one is live. Adapters stay fp32 whatever th
 (bf16 or bitsandbytes 4-bit), which is what keeps small updates from rounding away.
 
 Sampling reads one role's adapters thousands of times between two updates, so it gets its own
-weights (`inference_weights`): on a full-precision base each projection's adapter is merged into
-a copy of its weight, W + s B A, and the step runs one matmul per projection instead of three
-plus an add; on a 4-bit base (nothing to merge into) the adapters are cast to the compute dtype.
+weights (`inference_weights`): each projection's adapter is merged into a copy of its weight,
+W + s B A, and the step runs one matmul per projection instead of three plus an add. A 4-bit
+weight is dequantised into its copy first (bitsandbytes' own dequantisation, once per rollout):
+a decode step then reads 2 bytes a weight through cuBLAS, where bitsandbytes' product dequantises
+every weight to a bf16 copy and reads it back at every step (~4.5 bytes, and a latency-bound
+kernel pair per projection). The copies cost the blocks' weights in the compute dtype (~13 GB at
+7B), so they are made only where that fits (merge_wanted); otherwise, and on a CPU's 4-bit base,
+the adapters are cast to the compute dtype and run beside the 4-bit product.
 The merged copies of projections that read the same input (q/k/v, gate/up) are rows of one
 buffer, and on a GPU the first of them to see an input computes all of their outputs in one GEMM:
 at decode sizes the small k and v projections are latency-bound (5 us for 0.8 MB on an H200).
@@ -83,7 +88,8 @@ class LoRALinear(nn.Module):
         self.merged: torch.Tensor | None = None  # W + s B A of merged_role, for sampling
         self.merged_role: str | None = None
         self.group: _Group | None = None  # siblings reading the same input, merged into one buffer
-        self.span = (0, 0)  # this projection's rows in the group's buffer
+        self.nf4_group: _NF4Group | None = None  # the same siblings' 4-bit weights as one (unmerged sampling)
+        self.span = (0, 0)  # this projection's rows in either group (the members in the same order)
         self.nf4: tuple | None = None  # a 4-bit base's weight as kernels.nf4 reads it; () for any other
         self.paired: tuple | None = None  # two roles' A^T [2, in, r] and (s B)^T [2, r, out], for side_by_side
 
@@ -95,7 +101,7 @@ class LoRALinear(nn.Module):
             out = torch.baddbmm(y.reshape(2, -1, y.shape[-1]), torch.bmm(x.reshape(2, -1, x.shape[-1]), At), Bt)
             return out.view(y.shape)
         if sw.fast and self.merged is not None and self.merged_role == sw.active and self.merged.dtype == x.dtype:
-            y = self._from_group(x)
+            y = self._from_group(x, self.group)
             return y if y is not None else nn.functional.linear(x, self.merged, self.base.bias)
         y = self._product(x)
         a = self.adapters[sw.active] if sw.active in self.adapters else None
@@ -107,11 +113,10 @@ class LoRALinear(nn.Module):
         # mixed precision: fp32 master weights are cast (small) rather than x (large)
         return _plus_low_rank(y, (x @ a.A.to(x.dtype).t()) * a.scale, a.B)
 
-    def _from_group(self, x):
-        """This projection's share of its group's one product of x (the siblings that read the same
+    def _from_group(self, x, g):
+        """This projection's share of group g's one product of x (the siblings that read the same
         input: the first to be called computes them all), or None: no live group, another input,
         or another call order (then it computes alone)."""
-        g = self.group
         if g is None or not g.live:
             return None
         if g.members[0] is self:
@@ -135,7 +140,7 @@ class LoRALinear(nn.Module):
                 self.nf4 = kernels.nf4_prepare(self.base) or ()
         if not self.nf4:
             return self.base(x)
-        y = self._from_group(x) if self.switch.fast or self.switch.pair else None
+        y = self._from_group(x, self.nf4_group) if self.switch.fast or self.switch.pair else None
         return y if y is not None else kernels.nf4_linear(x, self.base, self.nf4)
 
 
@@ -182,16 +187,31 @@ def use(model: nn.Module, role: str | None):
         switch.active = prev
 
 
-def _mergeable(m: LoRALinear) -> bool:
+def _full_precision(m: LoRALinear) -> bool:
     w = getattr(m.base, "weight", None)
     return type(m.base) is nn.Linear and w is not None and w.dtype.is_floating_point
 
 
+def _mergeable(m: LoRALinear) -> bool:
+    """A weight a sampling copy can be made of: a full-precision one, or a 4-bit one that
+    kernels.nf4 reads (dequantised into the copy)."""
+    return _full_precision(m) or kernels.nf4.servable(m.base)
+
+
+def merged_bytes(model: nn.Module) -> int:
+    """What the sampling copies of every adapted projection take: the weights in the dtype the
+    model computes in (a 4-bit base's: its embeddings')."""
+    dt = model.get_input_embeddings().weight.dtype
+    return sum(m.in_features * m.out_features * (m.base.weight.dtype if _full_precision(m) else dt).itemsize
+               for _, m in _wrapped(model))
+
+
 def merge_wanted(model: nn.Module) -> bool:
-    """Merge adapters into weight copies for sampling? Only on a full-precision base (a 4-bit
-    weight has nothing to add to), and on a GPU only when the copies (about the blocks' weights
-    again) fit twice over in free memory. Decided once per model, so a CUDA graph captured over
-    one path is never replayed after a switch to the other; NLA_MERGE_SAMPLING=0|1 overrides."""
+    """Merge adapters into weight copies for sampling? On a GPU when the copies (the blocks'
+    weights in the compute dtype: a 4-bit base's ~4x its size) fit twice over in free memory; on a
+    CPU for a full-precision base only (a 4-bit one keeps bitsandbytes' CPU path, as it always
+    has). Decided once per model, so a CUDA graph captured over one path is never replayed after a
+    switch to the other; NLA_MERGE_SAMPLING=0|1 overrides."""
     forced = switches.forced("NLA_MERGE_SAMPLING")
     mods = _wrapped(model)
     if not mods or not all(_mergeable(m) for _, m in mods):
@@ -199,9 +219,11 @@ def merge_wanted(model: nn.Module) -> bool:
     if forced is not None:
         return forced
     if getattr(model, "_nla_merge", None) is None:
-        w = mods[0][1].base.weight
-        need = sum(m.base.weight.numel() * m.base.weight.element_size() for _, m in mods)
-        model._nla_merge = w.device.type != "cuda" or torch.cuda.mem_get_info(w.device)[0] > 2 * need
+        dev = model.get_input_embeddings().weight.device
+        if dev.type != "cuda":
+            model._nla_merge = all(_full_precision(m) for _, m in mods)
+        else:
+            model._nla_merge = torch.cuda.mem_get_info(dev)[0] > 2 * merged_bytes(model)
     return model._nla_merge
 
 
@@ -231,12 +253,13 @@ class _Group(_Siblings):
     def product(self, x):
         return nn.functional.linear(x, self.weight, self.bias)
 
-    def allocate(self) -> None:
-        w0 = self.members[0].base.weight
-        if self.weight is not None and (self.weight.dtype, self.weight.device) == (w0.dtype, w0.device):
+    def allocate(self, dtype: torch.dtype) -> None:
+        """In `dtype` (a full-precision base's own: _merge_dtype)."""
+        dev = self.members[0].base.weight.device
+        if self.weight is not None and (self.weight.dtype, self.weight.device) == (dtype, dev):
             return
-        self.weight = torch.empty((sum(m.out_features for m in self.members), w0.shape[1]), dtype=w0.dtype,
-                                  device=w0.device)
+        self.weight = torch.empty((sum(m.out_features for m in self.members), self.members[0].in_features),
+                                  dtype=dtype, device=dev)
         start = 0
         for m in self.members:
             m.group, m.span = self, (start, start + m.out_features)
@@ -244,8 +267,8 @@ class _Group(_Siblings):
             start += m.out_features
         biases = [m.base.bias for m in self.members]
         self.bias = None if all(b is None for b in biases) else torch.cat(
-            [b if b is not None else torch.zeros(m.out_features, dtype=w0.dtype, device=w0.device)
-             for b, m in zip(biases, self.members)]).to(w0.dtype)
+            [b if b is not None else torch.zeros(m.out_features, dtype=dtype, device=dev)
+             for b, m in zip(biases, self.members)]).to(dtype)
 
 
 def _find(model: nn.Module, key: str, cls, ok, same) -> list:
@@ -263,7 +286,7 @@ def _find(model: nn.Module, key: str, cls, ok, same) -> list:
 
 
 def _groups(model: nn.Module) -> list[_Group]:
-    """Mergeable siblings with the same input width and weight dtype."""
+    """Mergeable siblings with the same input width and weight dtype (4-bit ones: the same bytes)."""
     return _find(model, "_nla_groups", _Group, _mergeable, lambda m: (m.in_features, m.base.weight.dtype))
 
 
@@ -295,7 +318,7 @@ class _NF4Group(_Siblings):
         for m, p in zip(ms, preps):
             k = p[1].numel()
             m.nf4 = (p[0], absmax[a:a + k], *p[2:])
-            m.group, m.span = self, (rows, rows + m.out_features)
+            m.nf4_group, m.span = self, (rows, rows + m.out_features)
             a, rows = a + k, rows + m.out_features
         p0 = preps[0]
         self.prepared = (packed.view(torch.uint8).reshape(-1), absmax, p0[2], rows, p0[4], p0[5])
@@ -361,19 +384,14 @@ def inference_weights(model: nn.Module, role: str | None, dtype: torch.dtype):
     fused = bool(groups) and _fused_wanted(groups[0].members[0].base.weight.device)
     with torch.no_grad():
         for g in groups:
-            g.allocate()
+            g.allocate(_merge_dtype(g.members[0], dtype))
             g.reset(fused)
         if not merge:
             _prepare_nf4(model)
         for _, m in _wrapped(model):
             a = m.adapters[role]
             if merge:
-                w = m.base.weight
-                if m.merged is None or (m.merged.dtype, m.merged.device) != (w.dtype, w.device):
-                    m.merged = torch.empty_like(w)
-                # in place, in the weight's dtype (cuBLAS accumulates in fp32 and rounds once): an fp32
-                # copy of every weight per rollout cost ~4x the bytes (~17 ms at 1.5B on an H200)
-                torch.addmm(w, a.B.to(w.dtype), a.A.to(w.dtype), alpha=a.scale, out=m.merged)
+                _merge(m, a, _merge_dtype(m, dtype))
                 m.merged_role = role
                 continue
             m.merged_role = None  # a merge left from an earlier call is stale now
@@ -387,6 +405,26 @@ def inference_weights(model: nn.Module, role: str | None, dtype: torch.dtype):
     finally:
         sw.fast = prev
         _release(groups + model.__dict__.get("_nla_nf4_groups", []))
+
+
+def _merge_dtype(m: LoRALinear, dtype: torch.dtype) -> torch.dtype:
+    """A sampling copy's dtype: a full-precision weight's own, a 4-bit one's the compute dtype."""
+    return m.base.weight.dtype if _full_precision(m) else dtype
+
+
+def _merge(m: LoRALinear, a: Adapter, dtype: torch.dtype) -> None:
+    """m.merged = W + s B A, in place (kept between calls: a captured graph reads it), in `dtype`
+    (cuBLAS accumulates in fp32 and rounds once): an fp32 copy of every weight per rollout cost
+    ~4x the bytes (~17 ms at 1.5B on an H200). A 4-bit W is first dequantised into the copy."""
+    w = m.base.weight
+    if m.merged is None or (m.merged.dtype, m.merged.device) != (dtype, w.device):
+        m.merged = torch.empty((m.out_features, m.in_features), dtype=dtype, device=w.device)
+    if not _full_precision(m):
+        if not m.nf4:
+            m.nf4 = kernels.nf4_prepare(m.base) or ()
+        kernels.nf4.dequantize_into(m.merged, m.nf4)
+        w = m.merged
+    torch.addmm(w, a.B.to(dtype), a.A.to(dtype), alpha=a.scale, out=m.merged)
 
 
 @contextlib.contextmanager

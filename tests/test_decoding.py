@@ -221,6 +221,7 @@ def test_cuda_graph_decoding_on_a_4bit_base(tiny_path, monkeypatch, av_on, count
     import kernels.nf4 as nf4
     monkeypatch.setenv("NLA_COMPILE_DECODE", "0")  # the graph alone (compiled kernels round differently;
     # the compiled 4-bit step is traced whole in test_quant and timed in bench/memory.py)
+    monkeypatch.setenv("NLA_MERGE_SAMPLING", "0")  # the 4-bit products (a tiny model's merged copies always fit)
     base = av_on(load_base(tiny_path, device="cuda", dtype=torch.bfloat16, load_in_4bit=True))
     spec = _spec(base)
     v = torch.randn(3, base.d_model, generator=torch.Generator().manual_seed(1)).repeat_interleave(2, 0).cuda()
@@ -233,6 +234,34 @@ def test_cuda_graph_decoding_on_a_4bit_base(tiny_path, monkeypatch, av_on, count
         runs[graph] = V.generate(base, spec, v, 16, 0.0)
         assert len(calls) > n  # the kernel ran (while capturing, or eagerly)
         assert all((d.graph is not None) == (graph == "1") for d in base.model._nla_decoders.values())
+    _same(runs["1"], runs["0"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_decoding_from_a_4bit_bases_merged_copies(tiny_path, monkeypatch, av_on, count_calls):
+    """A 4-bit base on CUDA whose merged copies fit (a tiny model's do): sampling reads them by
+    default (bitsandbytes' dequantisation into a copy, CUDA's out= form), no 4-bit product runs in
+    a rollout, the reference's log-probs are left to the update, and the step, captured as a graph
+    (no silent fallback), gives the ids of the same loop run eagerly."""
+    pytest.importorskip("bitsandbytes")
+    import kernels
+    from nla import grpo
+    from nla.decoding import _compile_wanted
+    base = av_on(load_base(tiny_path, device="cuda", dtype=torch.bfloat16, load_in_4bit=True))
+    assert lora.merge_wanted(base.model) and not grpo.ref_in_rollout(base, 6)
+    assert _compile_wanted(base.model, base.device, 6, torch.bfloat16)  # as a full-precision base's step
+    monkeypatch.setenv("NLA_COMPILE_DECODE", "0")  # the graph alone: compiled kernels round differently
+    spec = _spec(base)
+    v = torch.randn(3, base.d_model, generator=torch.Generator().manual_seed(1)).repeat_interleave(2, 0).cuda()
+    calls = count_calls(kernels.nf4, "bnb_linear")
+    runs = {}
+    for graph in ("1", "0"):
+        monkeypatch.setenv("NLA_CUDA_GRAPH", graph)
+        base.model.__dict__.pop("_nla_decoders", None)
+        runs[graph] = V.generate(base, spec, v, 16, 0.0)
+        assert all((d.graph is not None) == (graph == "1") for d in base.model._nla_decoders.values())
+    assert not calls
     _same(runs["1"], runs["0"])
 
 

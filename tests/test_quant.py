@@ -261,3 +261,60 @@ def test_4bit_decode_step_compiles_whole(tiny_path, monkeypatch, av_on, compiled
     assert not _all_nf4_kernel(m, 3, torch.float32)  # an fp32 base samples through the plain path
     monkeypatch.setenv("NLA_KERNELS", "torch")
     assert not _all_nf4_kernel(m, 3, torch.float16)
+
+
+def test_4bit_sampling_copies_are_the_merge_of_the_dequantised_weights(tiny_path, monkeypatch, av_on, count_calls):
+    """Where they fit (a GPU's choice; forced here), a 4-bit base samples from merged copies:
+    each projection's weight dequantised as bitsandbytes does, plus s B A, in the compute dtype.
+    The logits are exactly those of a full-precision base holding the dequantised weights, with
+    no 4-bit product run (prompts and steps), q/k/v and gate/up as one GEMM each where fused;
+    a refresh after an update reads the new adapters; the unmerged path, run after, still reads
+    its own 4-bit groups; and the step then compiles by default, as a full-precision base's does."""
+    import warnings
+
+    import kernels
+    from nla import decoding
+    warnings.simplefilter("ignore")
+    monkeypatch.setenv("NLA_KERNELS", "torch")
+    q = av_on(load_base(tiny_path, device="cpu", dtype=torch.float16, load_in_4bit=True))
+    full = load_base(tiny_path, device="cpu", dtype=torch.float16)
+    lora.attach(full.model, {"av": 4})
+    lora.load_state(full.model, "av", lora.state(q.model, "av"))
+    mods = {n: m for n, m in q.model.named_modules() if isinstance(m, lora.LoRALinear)}
+    with torch.no_grad():
+        for n, m in full.model.named_modules():
+            if isinstance(m, lora.LoRALinear):
+                w = mods[n].base.weight
+                m.base.weight.copy_(bnb.functional.dequantize_4bit(w.data, w.quant_state).to(torch.float16))
+    assert not lora.merge_wanted(q.model)  # a CPU keeps bitsandbytes' path for a 4-bit base
+    assert lora.merged_bytes(q.model) == sum(m.in_features * m.out_features * 2 for m in mods.values())
+    ids = torch.randint(5, 100, (3, 9), generator=torch.Generator().manual_seed(0))
+    gemm = count_calls(kernels.nf4, "bnb_linear")
+    linear, real = [], torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a, **k: linear.append(1) or real(*a, **k))
+
+    def logits(base, merge, fused):
+        monkeypatch.setenv("NLA_MERGE_SAMPLING", merge)
+        monkeypatch.setenv("NLA_FUSED_SAMPLING", fused)
+        gemm.clear()
+        linear.clear()
+        with torch.no_grad(), lora.use(base.model, "av"), lora.inference_weights(base.model, "av", torch.float16):
+            return base.model(input_ids=ids).logits, len(gemm), len(linear)
+
+    unmerged, n_gemm, _ = logits(q, "0", "1")
+    assert n_gemm == 4 * q.n_layers  # its q/k/v and gate/up as one 4-bit product each
+    for fused, n_linear in (("0", 7), ("1", 4)):
+        got, n_gemm, n_got = logits(q, "1", fused)
+        want, _, _ = logits(full, "1", fused)
+        assert torch.equal(got, want) and n_gemm == 0 and n_got == n_linear * q.n_layers + 1  # + the LM head
+    torch.testing.assert_close(got.float(), unmerged.float(), atol=1e-2, rtol=1e-2)  # fp16's rounding apart
+    assert torch.equal(logits(q, "0", "1")[0], unmerged)
+    with torch.no_grad():  # an update
+        for p in lora.params(q.model, "av") + lora.params(full.model, "av"):
+            p.mul_(1.5)
+    got, want = logits(q, "1", "1")[0], logits(full, "1", "1")[0]
+    assert torch.equal(got, want) and not torch.allclose(got, unmerged, atol=1e-2)
+    monkeypatch.setattr(decoding, "_graphs_wanted", lambda device: True)
+    assert decoding._compile_wanted(q.model, torch.device("cpu"), 3, torch.float16)  # merged
+    monkeypatch.setenv("NLA_MERGE_SAMPLING", "0")
+    assert not decoding._compile_wanted(q.model, torch.device("cpu"), 3, torch.float16)  # bitsandbytes' step
