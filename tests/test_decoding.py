@@ -112,6 +112,39 @@ def test_stop_detector_only_calls_closed_what_the_exact_rule_does(tokenizer):
     assert det.stopped(rows).tolist() == [True, False]
 
 
+def test_finish_cuts_each_row_where_reading_every_window_does(tokenizer):
+    """verbalizer._finish reads the 8-token windows only inside 16-token runs whose text holds
+    the tag, and cuts each row where reading every window in turn does (the reference loop's
+    rule): the tag in any spelling, at any place (a run's edges included), several times, letter
+    by letter (never within one window), broken, after a stop id, or none."""
+    import random
+
+    from nla.verbalizer import Sample, _finish, _stop_ids
+
+    def every_window(row):  # the rule as the reference loop applies it, one window after another
+        stops = _stop_ids(tokenizer)
+        end = next((j for j, t in enumerate(row) if t in stops), len(row) - 1)
+        j = next((j for j in range(end + 1) if row[j] not in stops
+                  and CLOSE in tokenizer.decode(row[max(0, j - 7):j + 1])), None)
+        r = row[:(end if j is None else j) + 1]
+        return Sample(r, tokenizer.decode(r, skip_special_tokens=True).split(CLOSE)[0].strip(), j is not None)
+    enc = lambda t: tokenizer.encode(t, add_special_tokens=False)  # noqa: E731
+    tags = [enc(p + CLOSE) for p in ("", " ", ".", "\n", "a", "é", "…", '"')]
+    tags += [[t for c in CLOSE for t in enc(c)], enc("</explan"), enc("ation>")]
+    rng, closed, rows = random.Random(0), 0, 0
+    for _ in range(300):
+        row = [rng.randrange(300, 20000) for _ in range(rng.randint(0, 70))]
+        for _ in range(rng.randint(0, 3)):
+            at = rng.randint(0, len(row))
+            row[at:at] = rng.choice(tags)
+        if rng.random() < 0.2:
+            row.insert(rng.randint(0, len(row)), rng.choice(sorted(_stop_ids(tokenizer))))
+        got, want = _finish(tokenizer, row or [300]), every_window(row or [300])
+        assert (got.ids, got.text, got.ok) == (want.ids, want.text, want.ok), row
+        closed, rows = closed + got.ok, rows + 1
+    assert 60 < closed < rows - 60  # rows of both kinds
+
+
 def test_merged_sampling_weights(av_base, monkeypatch):
     """Sampling merges each adapter into a copy of its weight: the logits of the adapters run
     beside the weights, the merge is what is read, it is refreshed after an update, a stale one is
