@@ -283,8 +283,13 @@ def test_update_out_of_gpu_memory_at_one_row_says_what_to_do(tiny_path, monkeypa
     def never_fits(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory (faked)")
     monkeypatch.setattr(grpo, "reconstruct", never_fits)
-    with pytest.raises(NLAError, match="out of GPU memory in the AR phase even at one row per chunk: try"):
+    with pytest.raises(NLAError, match="out of GPU memory in the AR phase even at one row per chunk: try") as e:
         _grpo_after(tiny_path, False, "replace", micro=0)
+    assert "NLA_MERGE_SAMPLING=0 (sampling's merged weight copies hold 0.0 GB)" in str(e.value)  # they are made here
+    monkeypatch.setenv("NLA_MERGE_SAMPLING", "0")
+    with pytest.raises(NLAError, match="out of GPU memory in the AR phase") as e:
+        _grpo_after(tiny_path, False, "replace", micro=0)
+    assert "NLA_MERGE_SAMPLING" not in str(e.value)
 
 
 def test_fused_norms_are_the_models_norms(tiny_path, monkeypatch):
