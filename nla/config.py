@@ -70,10 +70,13 @@ PRESETS = {
     "cpu-demo": dict(n_warm=0, summary_max_new=32, sft_ar_steps=400, sft_av_steps=400, sft_batch=8, rank_av=32,
                      rank_ar=32, rl_steps=100, rl_batch=4, group=4, max_new=48, eval_every=5, eval_n=32,
                      eval_max_new=48, save_every=5),
-    # the reference's settings scaled to one GPU with LoRA adapters
+    # the reference's settings scaled to one GPU with LoRA adapters. micro_batch 0: each update's
+    # phase in as few chunks as fit (all 256 rows, halved at an out-of-memory error, then kept:
+    # grpo.fitting), since every chunk reads every weight and dispatches its ops again (a 7B
+    # update at micro 64 dispatches 2.8x fewer than at micro 16, bench/ops.py)
     "gpu": dict(n_warm=0, sft_ar_steps=400, sft_av_steps=400, sft_batch=32, rank_av=64, rank_ar=64,
                 rl_steps=300, rl_batch=32, group=8, max_new=150, eval_every=25, eval_n=128, eval_max_new=150,
-                summary_max_new=128, save_every=25, micro_batch=32, grad_checkpointing=True),
+                summary_max_new=128, save_every=25, micro_batch=0, grad_checkpointing=True),
 }
 
 

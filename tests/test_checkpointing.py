@@ -276,6 +276,34 @@ def test_fitting_halves_the_chunks_on_every_kind_of_gpu_out_of_memory(error, cap
     assert tried == [8] and not isinstance(e.value, torch.OutOfMemoryError)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fitting_recovers_from_a_real_cuda_out_of_memory(capsys):
+    """On a real GPU: a chunk whose rows cannot all fit fails in torch's allocator part way
+    through, holding what it had allocated; the memory comes back (nothing of it kept by the
+    handler's traceback), and the phase runs again at half the rows, which fit only if it did."""
+    from nla.grpo import fitting
+    w = torch.nn.Parameter(torch.randn(64, 64, device="cuda"))
+    opt = torch.optim.SGD([w], lr=0.1)
+    torch.cuda.empty_cache()
+    row = torch.cuda.mem_get_info()[0] // 6 // 4  # fp32 elements of a row's activations: 8 rows
+    # need 4/3 of the free memory, 4 rows 2/3, so 4 fit after 8 failed only if the 6 that did
+    # allocate were given back
+
+    def phase(micro):
+        for c in range(0, 8, micro or 8):
+            held = [torch.empty(row, device="cuda") for _ in range(min(micro or 8, 8 - c))]  # a chunk's activations
+            w.pow(2).sum().backward()
+            del held
+        return "done"
+    try:
+        assert fitting(phase, 0, 8, opt, "GRPO") == ("done", 4)
+        assert "out of GPU memory in the GRPO phase at 8 rows per chunk: again at 4" in capsys.readouterr().out
+        assert w.grad is not None and torch.cuda.memory_allocated() < 4 * row  # not a row's bytes held
+    finally:
+        torch.cuda.empty_cache()  # the later tests' libraries allocate outside torch's cache
+
+
 def test_update_out_of_gpu_memory_at_one_row_says_what_to_do(tiny_path, monkeypatch):
     from nla import grpo
     from nla.errors import NLAError
