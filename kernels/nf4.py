@@ -147,9 +147,9 @@ def dequantize_into(out: torch.Tensor, prepared: tuple) -> None:
     before its own GEMM: a sampling copy of a 4-bit weight (nla/lora.py, _merge)."""
     packed, absmax, _, N, K, blocksize = prepared
     args = (packed.view(-1, 1), absmax, blocksize, "nf4", (N, K), out.dtype)
-    if out.is_cuda:  # its out= form: no second copy of the weight (bitsandbytes has it for CUDA only)
+    try:  # its out= form: no second copy of the weight (bitsandbytes has it for CUDA, not for a CPU)
         torch.ops.bitsandbytes.dequantize_4bit.out(*args, out=out)
-    else:
+    except NotImplementedError:
         out.copy_(torch.ops.bitsandbytes.dequantize_4bit.default(*args))
 
 

@@ -254,7 +254,7 @@ class _Group(_Siblings):
         return nn.functional.linear(x, self.weight, self.bias)
 
     def allocate(self, dtype: torch.dtype) -> None:
-        """In `dtype` (a full-precision base's own: _merge_dtype)."""
+        """Rows in `dtype` (_merge_dtype: a full-precision weight's own, a 4-bit one's compute dtype)."""
         dev = self.members[0].base.weight.device
         if self.weight is not None and (self.weight.dtype, self.weight.device) == (dtype, dev):
             return

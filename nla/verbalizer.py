@@ -124,8 +124,8 @@ def generate(base, spec: NLASpec, vectors: torch.Tensor, max_new: int = 64, temp
 def _finish(tok, row: list[int]) -> Sample:
     """Cut a row at its first stop: a stop id (failure) or the closing tag (success), found
     exactly as the reference loop does, on the last 8 tokens decoded after each new one. Not by
-    decoding every window up to the tag, though (~70 decodes a row, ~0.2 s for 256 rows on this
-    project's CPU, every RL step): a tag in a window's text is in the text of any run of tokens
+    decoding every window up to the tag, though (~70 decodes a row, 0.15 s for the gpu preset's 256
+    rows on this project's CPU, every RL step: now 0.05 s, bench/RESULTS.md): a tag in a window's text is in the text of any run of tokens
     that holds the window (decoding concatenates the tokens' bytes or pieces, for byte-level BPE
     and SentencePiece alike, and the tag is ASCII), so one decode of 16 tokens says whether any
     of the 9 windows ending in its last 9 tokens can hold it, and only then are they read."""
