@@ -380,6 +380,10 @@ def inference_weights(model: nn.Module, role: str | None, dtype: torch.dtype):
     if not merge and dtype == torch.float32:  # sw.fast stays off: the training path, merges unread
         yield
         return
+    if merge and "_nla_merge_said" not in model.__dict__ and not all(_full_precision(m) for _, m in _wrapped(model)):
+        model.__dict__["_nla_merge_said"] = True  # what the copies cost, said once
+        print(f"[nla] sampling from merged {str(dtype).removeprefix('torch.')} copies of the 4-bit weights "
+              f"({merged_bytes(model) / 1e9:.1f} GB; NLA_MERGE_SAMPLING=0 keeps the 4-bit path)", flush=True)
     groups = _groups(model) if merge else []
     fused = bool(groups) and _fused_wanted(groups[0].members[0].base.weight.device)
     with torch.no_grad():

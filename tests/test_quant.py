@@ -263,7 +263,8 @@ def test_4bit_decode_step_compiles_whole(tiny_path, monkeypatch, av_on, compiled
     assert not _all_nf4_kernel(m, 3, torch.float16)
 
 
-def test_4bit_sampling_copies_are_the_merge_of_the_dequantised_weights(tiny_path, monkeypatch, av_on, count_calls):
+def test_4bit_sampling_copies_are_the_merge_of_the_dequantised_weights(tiny_path, monkeypatch, av_on, count_calls,
+                                                                       capsys):
     """Where they fit (a GPU's choice; forced here), a 4-bit base samples from merged copies:
     each projection's weight dequantised as bitsandbytes does, plus s B A, in the compute dtype.
     The logits are exactly those of a full-precision base holding the dequantised weights, with
@@ -308,6 +309,8 @@ def test_4bit_sampling_copies_are_the_merge_of_the_dequantised_weights(tiny_path
         want, _, _ = logits(full, "1", fused)
         assert torch.equal(got, want) and n_gemm == 0 and n_got == n_linear * q.n_layers + 1  # + the LM head
     torch.testing.assert_close(got.float(), unmerged.float(), atol=1e-2, rtol=1e-2)  # fp16's rounding apart
+    said = capsys.readouterr().out  # what the copies cost, once, and for the 4-bit base only
+    assert said.count("[nla] sampling from merged float16 copies of the 4-bit weights (0.0 GB") == 1, said
     assert torch.equal(logits(q, "0", "1")[0], unmerged)
     with torch.no_grad():  # an update
         for p in lora.params(q.model, "av") + lora.params(full.model, "av"):
