@@ -18,7 +18,9 @@ On CPU (no --shape): the embedded SmolLM2, torch kernels, HF generate with its d
 4-bit); "ours-adapters" is the same loop with the adapters run beside the weights, as before;
 "ours-compiled-repeatkv" is the compiled loop with Hugging Face's attention (repeat_kv) instead
 of the packed one (nla/decoding.py); "ours-compiled-unfused" runs q/k/v and gate/up as separate
-GEMMs instead of one per input (nla/lora.py). On CPU "compiled" changes nothing.
+GEMMs instead of one per input (nla/lora.py); "ours-autotune" compiles with Inductor's
+max-autotune (NLA_AUTOTUNE_DECODE=1: each GEMM of the step timed against Triton templates). On
+CPU "compiled" and "autotune" change nothing.
 """
 import os
 import sys
@@ -54,14 +56,16 @@ def hf_generate(base, spec, vecs, max_new, static: bool, compiled: bool = False)
 
 
 def timed(fn, steps: int, dev):
-    """Median seconds of fn() over `steps` runs after one warm-up run (compilation, capture)."""
-    res = fn()
+    """Median seconds of fn() over `steps` runs after one warm-up run (compilation, capture), its
+    result, and the warm-up's seconds."""
+    with Timer(dev) as first:
+        res = fn()
     ts = []
     for _ in range(steps):
         with Timer(dev) as t:
             res = fn()
         ts.append(t.s)
-    return statistics.median(ts), res
+    return statistics.median(ts), res, first.s
 
 
 def main():
@@ -84,6 +88,7 @@ def main():
     ap.add_argument("--profile-decode", action="store_true",
                     help="profile one rollout of the fastest of our loops: the decode step's kernels")
     ap.add_argument("--modes", default="torch,triton", help="kernel modes of the update, in the order they alternate")
+    ap.add_argument("--no-update", action="store_true", help="the rollout loops only (and HF generate if asked)")
     a = ap.parse_args()
     if not set(a.modes.split(",")) <= {"torch", "triton"}:
         ap.error(f"--modes takes torch and/or triton, got {a.modes!r}")
@@ -110,17 +115,18 @@ def main():
         print(f"roofline: {wb / 1e9:.2f} GB of weights per decode step / {bw / 1e12:.2f} TB/s copy = "
               f"{wb / bw * 1e3:.3f} ms -> at most {roof:,.0f} tok/s at batch {n}")
     print(f"{'loop':34} {'rollout s':>10} {'tok/s':>10} {'vs ref':>7} {'roofline':>9}", flush=True)
-    def ours(compiled: bool, merged: bool = True, packed: bool = True, fused: bool = True):
+    def ours(compiled: bool, merged: bool = True, packed: bool = True, fused: bool = True, autotune: bool = False):
         def run():
             os.environ["NLA_COMPILE_DECODE"] = "1" if compiled else "0"
             os.environ["NLA_MERGE_SAMPLING"] = "1" if merged else "0"
             os.environ["NLA_PACKED_GQA"] = "1" if packed else "0"
             os.environ["NLA_FUSED_SAMPLING"] = "1" if fused else "0"
+            os.environ["NLA_AUTOTUNE_DECODE"] = "1" if autotune else "0"
             g = torch.Generator(dev).manual_seed(0)
             try:
                 return sum(len(s.ids) for s in generate(base, spec, vecs, a.max_new, 1.0, generator=g))
             finally:
-                for k in ("NLA_MERGE_SAMPLING", "NLA_PACKED_GQA", "NLA_FUSED_SAMPLING"):
+                for k in ("NLA_MERGE_SAMPLING", "NLA_PACKED_GQA", "NLA_FUSED_SAMPLING", "NLA_AUTOTUNE_DECODE"):
                     os.environ.pop(k)
         return run
 
@@ -131,6 +137,7 @@ def main():
         "ours-adapters": ("ours, LoRA unmerged" + (" (graph)" if cuda else ""), ours(False, merged=False)),
         "ours-compiled-repeatkv": ("ours compiled, HF repeat_kv", ours(True, packed=False)),
         "ours-compiled-unfused": ("ours compiled, projections apart", ours(True, fused=False)),
+        "ours-autotune": ("ours compiled with max-autotune", ours(True, autotune=True)),
         "reference": ("old eager loop (dynamic cache)",
                       lambda: sum(len(s.ids) for s in generate_reference(base, spec, vecs, a.max_new, 1.0,
                                                                          generator=torch.Generator(dev).manual_seed(0)))),
@@ -153,14 +160,15 @@ def main():
         for key in keys:
             name, fn = loops[key]
             try:  # the old loop is slow and steady: one run; the others warm up (capture, compile) first
-                s, toks = timed(fn, 1, dev) if key in ("reference", "hf-eager") else timed(fn, a.steps, dev)
+                s, toks, first = timed(fn, 1, dev) if key in ("reference", "hf-eager") else timed(fn, a.steps, dev)
             except Exception as e:  # one peer failing must not hide the others' numbers
                 print(f"{name:34} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
                 continue
             speeds[key] = toks / s
             rel = f"{speeds[key] / speeds['reference']:6.2f}x" if "reference" in speeds else "      -"
             share = f"{speeds[key] / roof:8.1%}" if roof else "        -"
-            print(f"{name:34} {s:10.3f} {toks / s:10,.0f} {rel:>7} {share:>9}{fallback(key)}", flush=True)
+            print(f"{name:34} {s:10.3f} {toks / s:10,.0f} {rel:>7} {share:>9}  (first run {first:.1f} s)"
+                  f"{fallback(key)}", flush=True)
 
     wanted = a.loops.split(",")
     measure([k for k in wanted if k != "hf"])  # HF's compile can be slow: it goes last, after the update
@@ -168,7 +176,24 @@ def main():
     if a.profile_decode and fastest:
         profile_ops(f"one rollout of {fastest} ({a.max_new} steps)", loops[fastest][1], dev, a.profile_rows)
     os.environ["NLA_COMPILE_DECODE"] = "0"
+    if not a.no_update:
+        steps_by_mode(base, spec, head, vecs, opt_av, opt_ar, a, dev)
+    if "hf" in wanted:
+        print()
+        measure(["hf"])
+    best = max((k for k in speeds if k.startswith("ours")), key=speeds.get, default=None)
+    if best:
+        print(f"best of ours ({best}): {speeds[best]:,.0f} tok/s" +
+              (f" = {speeds[best] / speeds['reference']:.2f}x the old loop" if "reference" in speeds else "") +
+              (f", {speeds[best] / speeds['hf']:.2f}x HF generate" if "hf" in speeds else "") +
+              (f", {speeds[best] / roof:.1%} of the roofline" if roof else ""))
+    if dev.type == "cuda":
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
 
+
+def steps_by_mode(base, spec, head, vecs, opt_av, opt_ar, a, dev):
+    """Whole RL steps (a rollout as training runs it, then the update) per kernel mode, and the
+    update's profile where asked."""
     modes = a.modes.split(",") if dev.type == "cuda" else ["torch"]
     print(f"\n{'kernels':8} {'rollout s':>10} {'update s':>9} {'AR s':>7} {'GRPO s':>7} {'step s':>8}", flush=True)
     rows = {m: [] for m in modes}
@@ -193,17 +218,6 @@ def main():
     os.environ.pop("NLA_KERNELS", None)
     if a.profile:
         profile_update(base, spec, head, vecs, opt_av, opt_ar, a, dev, modes)
-    if "hf" in wanted:
-        print()
-        measure(["hf"])
-    best = max((k for k in speeds if k.startswith("ours")), key=speeds.get, default=None)
-    if best:
-        print(f"best of ours ({best}): {speeds[best]:,.0f} tok/s" +
-              (f" = {speeds[best] / speeds['reference']:.2f}x the old loop" if "reference" in speeds else "") +
-              (f", {speeds[best] / speeds['hf']:.2f}x HF generate" if "hf" in speeds else "") +
-              (f", {speeds[best] / roof:.1%} of the roofline" if roof else ""))
-    if dev.type == "cuda":
-        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
 
 
 def profile_update(base, spec, head, vecs, opt_av, opt_ar, a, dev, modes):

@@ -25,7 +25,12 @@ quantised weight of the step goes through the nf4 decode kernel (kernels.nf4, as
 through bitsandbytes' op the step compiles whole as well (tested on CPU), but whether that pays
 for a 7B compile (the nf4 kernel's took ~66 s) is not measured yet (bench/gpu_check.py's
 memory-compiled stage); `NLA_COMPILE_DECODE=0|1` overrides. A failed compile falls back to the
-graph alone, a failed capture to eager.
+graph alone, a failed capture to eager. `NLA_AUTOTUNE_DECODE=1` compiles with Inductor's
+max-autotune (no CUDA graphs of its own: the step's graph is ours), which times Triton templates
+against cuBLAS for each of the step's GEMMs: at decode sizes the 1.5B's small projections read
+~1 TB/s through cuBLAS, and its larger ones 55-70% of the copy bandwidth (bench/RESULTS.md); a
+longer compile, so off by default until a GPU shows it paying (bench/gpu_check.py's
+rl-1.5b-autotune stage).
 
 In RL on an unmerged (4-bit) base, each row may have a twin under the KL reference's adapter
 (lora.side_by_side, verbalizer.generate's ref_role): the decoder then holds 2n rows, the
@@ -177,6 +182,17 @@ def _compile_wanted(model, device: torch.device, n: int, dtype: torch.dtype) -> 
     return not any(_quantised(m) for m in model.modules()) or _all_merged(model) or _all_nf4_kernel(model, n, dtype)
 
 
+def _compile_mode() -> str | None:
+    """Inductor's mode for the decode step: max-autotune where NLA_AUTOTUNE_DECODE=1 asks (without
+    its own CUDA graphs: the step's graph is ours), else the default."""
+    return "max-autotune-no-cudagraphs" if switches.forced("NLA_AUTOTUNE_DECODE") else None
+
+
+def _compiled(fn):
+    """fn compiled for one shape, as the decode step is."""
+    return torch.compile(fn, dynamic=False, mode=_compile_mode())
+
+
 def _written_at(layer):
     """A static cache layer's update whose one-token steps write their key and value at the slot
     its fill counter holds (a 0-d tensor, so one graph serves every step) and advance it: three
@@ -215,6 +231,7 @@ class Decoder:
         self.graph, self.logits = None, None
         self.use_graph = _graphs_wanted(self.device)
         self.compiled = _compile_wanted(model, self.device, n, self.dtype)
+        _compile_mode()  # read here, where a bad value fails on any machine
 
     @classmethod
     def of(cls, model, n: int, max_len: int, role) -> "Decoder":
@@ -224,7 +241,8 @@ class Decoder:
         dtype = model.get_input_embeddings().weight.dtype
         dev = model.get_input_embeddings().weight.device
         key = (n, max_len, role, dtype, _graphs_wanted(dev),
-               *map(switches.forced, ("NLA_COMPILE_DECODE", "NLA_MERGE_SAMPLING", "NLA_PACKED_GQA", "NLA_FUSED_SAMPLING")))
+               *map(switches.forced, ("NLA_COMPILE_DECODE", "NLA_MERGE_SAMPLING", "NLA_PACKED_GQA", "NLA_FUSED_SAMPLING",
+                                      "NLA_AUTOTUNE_DECODE")))
         if key in decs:
             decs.move_to_end(key)
         else:
@@ -280,7 +298,7 @@ class Decoder:
         if self.compiled:
             print(f"[nla] compiling the decode step for {self.n} rows x {self.max_len} tokens (once per shape; "
                   f"NLA_COMPILE_DECODE=0 skips it)", flush=True)
-            fwd = torch.compile(self._forward, dynamic=False)
+            fwd = _compiled(self._forward)
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())

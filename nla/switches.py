@@ -8,7 +8,7 @@ import os
 from .errors import NLAError
 
 NAMES = ("NLA_CUDA_GRAPH", "NLA_COMPILE_DECODE", "NLA_MERGE_SAMPLING", "NLA_PACKED_GQA", "NLA_FUSED_SAMPLING",
-         "NLA_REF_IN_ROLLOUT", "NLA_COMMON_LEVEL", "NLA_FUSED_NORM")
+         "NLA_REF_IN_ROLLOUT", "NLA_COMMON_LEVEL", "NLA_FUSED_NORM", "NLA_AUTOTUNE_DECODE")
 
 
 def forced(name: str) -> bool | None:

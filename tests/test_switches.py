@@ -20,7 +20,20 @@ READERS = {
     "NLA_MERGE_SAMPLING": lambda: lora.merge_wanted(torch.nn.Linear(2, 2)),
     "NLA_FUSED_SAMPLING": lambda: lora._fused_wanted(CPU),
     "NLA_FUSED_NORM": lambda: models.fused_norm_wanted(torch.zeros(1), torch.zeros(1)),
+    "NLA_AUTOTUNE_DECODE": lambda: decoding._compile_mode(),
 }
+
+
+def test_autotune_asks_inductor_for_max_autotune_without_its_own_graphs(monkeypatch):
+    """NLA_AUTOTUNE_DECODE=1 compiles the decode step with max-autotune, leaving the CUDA graph to
+    the decoder (Inductor's own graphs inside ours would not capture); unset, the default mode."""
+    asked = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: asked.append(kw) or fn)
+    monkeypatch.delenv("NLA_AUTOTUNE_DECODE", raising=False)
+    decoding._compiled(len)
+    monkeypatch.setenv("NLA_AUTOTUNE_DECODE", "1")
+    decoding._compiled(len)
+    assert asked == [dict(dynamic=False, mode=None), dict(dynamic=False, mode="max-autotune-no-cudagraphs")]
 
 
 def test_every_switch_has_a_reader_here():
