@@ -19,11 +19,10 @@ failure or hang does not eat the rest, and ends with a one-screen summary:
                that reads the cache up to its fill against SDPA, the rotary embedding against Hugging
                Face's
     e2e        collect -> train --preset gpu (scaled down) -> explain -> eval on a random model
-    profile, memory-merged, rl-1.5b-autotune, memory-compiled, nf4-sweep, memory-torch, memory-nf4, memory-plans
+    profile, memory-merged, memory-compiled, nf4-sweep, memory-torch, memory-nf4, memory-plans
                diagnoses: the decode step's and the update's kernels at 1.5B, the 7B step sampling
-               from merged copies of its 4-bit weights (the second call's first job), the 1.5B
-               rollout compiled with Inductor's max-autotune against the default compile, the 7B
-               step with bitsandbytes' decode step compiled, the nf4 kernel's tiles by device time, the 7B
+               from merged copies of its 4-bit weights (the second call's first job), the 7B step
+               with bitsandbytes' decode step compiled, the nf4 kernel's tiles by device time, the 7B
                step with torch kernels, the 7B step with its rollout through the nf4 kernel (if the
                nf4 stage shows the kernel beating bitsandbytes, this is the second call's job,
                before nf4-sweep), the 7B step without checkpointing
@@ -69,9 +68,11 @@ STAGES = [
      r"roofline|ours|old eager|torch |triton |failed"),
     # (the graph-only loop "ours" was measured on an H200: 0.825 s; its place goes to the memory stage)
     # (the old loop, 864-1,370 tok/s in three H200 runs, and the fused projections' gain, 1.09x on
-    # 2026-11-27, are measured: their places go to HF generate, which the last run's 220 s cut off)
+    # 2026-11-27, are measured: their places go to HF generate, which the last run's 220 s cut off,
+    # and since the fourteenth session to the step compiled with Inductor's max-autotune, before
+    # HF: does timing each GEMM against Triton templates pay, and what does its compile cost?)
     ("rl-1.5b", 200, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 2 --rank 64 "
-                     f"--micro 32 --loops ours-compiled,hf --modes triton --profile-decode",
+                     f"--micro 32 --loops ours-compiled,ours-autotune,hf --modes triton --profile-decode",
      r"roofline|ours|old eager|HF generate|torch |triton |failed|peak|^prof |^phase|cudaMalloc"),
     # the 7B step with checkpointing (a cold 7B build, put at ~70 s; printed now) at micro 16, its
     # update and a rollout profiled (the AR and GRPO phases took 3-4x their earlier times in the
@@ -88,11 +89,6 @@ STAGES = [
     ("profile", 170, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 3 --rank 64 "
                      f"--micro 32 --loops ours-compiled --modes triton,torch --profile --profile-decode --profile-rows 30",
      r"roofline|ours|torch |triton |profile of|cudaMalloc"),
-    # does Inductor's max-autotune pay on the 1.5B decode step (its GEMMs timed against Triton
-    # templates; the compile takes longer: how much is printed)? Both compiled loops in one run
-    ("rl-1.5b-autotune", 240, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 2 "
-                              f"--rank 64 --loops ours-compiled,ours-autotune --modes triton --no-update",
-     r"roofline|ours|failed"),
     # which nf4 tile, pipeline depth and code table the H200 likes (the tiles were chosen by
     # instruction counts, which did not predict its speed; all of them kept ~1 program per SM)
     ("nf4-sweep", 120, f"{PY} bench/kernels.py --only nf4-sweep", r"best|copy bandwidth"),
@@ -139,7 +135,7 @@ DEFAULT = ("parity", "nf4", "rl-1.5b", "memory")
 FALLBACK = {"rl-1.5b": ("nf4", "env NLA_KERNELS=torch "), "memory": ("nf4", "env NLA_KERNELS=torch ")}
 # run after the chosen stages, each only if its whole cap fits in what is left of --budget (the
 # memory stage profiles the 7B update itself now)
-EXTRA = ("memory-merged", "rl-1.5b-autotune", "memory-compiled", "nf4-sweep", "memory-torch", "profile", "memory-nf4", "memory-plans")
+EXTRA = ("memory-merged", "memory-compiled", "nf4-sweep", "memory-torch", "profile", "memory-nf4", "memory-plans")
 
 
 def setup_env(log) -> dict:

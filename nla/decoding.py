@@ -29,8 +29,8 @@ graph alone, a failed capture to eager. `NLA_AUTOTUNE_DECODE=1` compiles with In
 max-autotune (no CUDA graphs of its own: the step's graph is ours), which times Triton templates
 against cuBLAS for each of the step's GEMMs: at decode sizes the 1.5B's small projections read
 ~1 TB/s through cuBLAS, and its larger ones 55-70% of the copy bandwidth (bench/RESULTS.md); a
-longer compile, so off by default until a GPU shows it paying (bench/gpu_check.py's
-rl-1.5b-autotune stage).
+longer compile, so off by default until a GPU shows it paying (bench/gpu_check.py's rl-1.5b
+stage times both).
 
 In RL on an unmerged (4-bit) base, each row may have a twin under the KL reference's adapter
 (lora.side_by_side, verbalizer.generate's ref_role): the decoder then holds 2n rows, the
