@@ -321,3 +321,15 @@ def test_4bit_sampling_copies_are_the_merge_of_the_dequantised_weights(tiny_path
     assert decoding._compile_wanted(q.model, torch.device("cpu"), 3, torch.float16)  # merged
     monkeypatch.setenv("NLA_MERGE_SAMPLING", "0")
     assert not decoding._compile_wanted(q.model, torch.device("cpu"), 3, torch.float16)  # bitsandbytes' step
+
+
+def test_4bit_decode_step_from_merged_copies_compiles_whole(tiny_path, monkeypatch, av_on, compiled_steps):
+    """From merged copies a 4-bit base's decode step is one graph with no 4-bit op in it: one
+    GEMM per input (q/k/v and gate/up fused) and the LM head, with the eager step's logits, as a
+    full-precision base's step compiles on CUDA by default."""
+    monkeypatch.setenv("NLA_MERGE_SAMPLING", "1")
+    q, graphs = _4bit_step_graphs(tiny_path, monkeypatch, av_on, compiled_steps, "torch", "1")
+    assert len(graphs) == 1
+    calls = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert not [c for c in calls if "bitsandbytes" in c or "gemm_4bit" in c]
+    assert sum("linear" in c for c in calls) == 4 * q.n_layers + 1
