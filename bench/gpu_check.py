@@ -69,10 +69,11 @@ STAGES = [
     # (the graph-only loop "ours" was measured on an H200: 0.825 s; its place goes to the memory stage)
     # (the old loop, 864-1,370 tok/s in three H200 runs, and the fused projections' gain, 1.09x on
     # 2026-11-27, are measured: their places go to HF generate, which the last run's 220 s cut off,
-    # and since the fourteenth session to the step compiled with Inductor's max-autotune, before
-    # HF: does timing each GEMM against Triton templates pay, and what does its compile cost?)
+    # and since the fourteenth session to the step compiled with Inductor's max-autotune, after HF
+    # (the slow compiles last, so a cut stage keeps the rest): does timing each GEMM against Triton
+    # templates pay, and what does its compile cost?)
     ("rl-1.5b", 200, f"{PY} bench/rl_step.py --shape qwen2.5-1.5b --acts 8 --group 8 --max-new 150 --steps 2 --rank 64 "
-                     f"--micro 32 --loops ours-compiled,ours-autotune,hf --modes triton --profile-decode",
+                     f"--micro 32 --loops ours-compiled,hf,ours-autotune --modes triton --profile-decode",
      r"roofline|ours|old eager|HF generate|torch |triton |failed|peak|^prof |^phase|cudaMalloc"),
     # the 7B step with checkpointing (a cold 7B build, put at ~70 s; printed now) at micro 16, its
     # update and a rollout profiled (the AR and GRPO phases took 3-4x their earlier times in the
