@@ -121,12 +121,12 @@ def _out_of_gpu_memory(e: BaseException) -> bool:
         isinstance(e, RuntimeError) and any(m in str(e) for m in _OUT_OF_MEMORY))
 
 
-def fitting(phase, micro: int, n: int, opt, name: str, also: str = ""):
+def fitting(phase, micro: int, n: int, opt, name: str, also=lambda: ""):
     """phase(micro) (an update's phase over n rows in chunks of micro, 0: all), and the micro it
     ran at. After a GPU out-of-memory error the attempt's gradients are dropped and the phase runs
     again in chunks of half as many rows, the same update (gradients are sums over chunks), so a
     batch too large for the card costs a retry, not the run. The caller keeps the micro it
-    returns for later steps. `also`: what else to try, for the message at one row."""
+    returns for later steps. `also()`: what else to try, for the message at one row."""
     while True:
         opt.zero_grad(set_to_none=True)
         try:
@@ -137,7 +137,7 @@ def fitting(phase, micro: int, n: int, opt, name: str, also: str = ""):
             rows = micro if 0 < micro < n else n
             if rows <= 1:
                 raise NLAError(f"out of GPU memory in the {name} phase even at one row per chunk: try "
-                               f"--grad-checkpointing, --load-in-4bit, a smaller --max-new or --rl-batch{also}") from None
+                               f"--grad-checkpointing, --load-in-4bit, a smaller --max-new or --rl-batch{also()}") from None
         micro = (rows + 1) // 2  # out of the handler, whose traceback held the attempt's tensors
         print(f"[nla] out of GPU memory in the {name} phase at {rows} rows per chunk: again at {micro}", flush=True)
 
@@ -171,8 +171,9 @@ def update(base, spec, head, vecs, samples, opt_av, opt_ar, G, kl_coef, clip_eps
                 (mse(p, vecs[rows]).sum() / n_good.clamp_min(1)).backward()
                 pred[rows] = p.detach().float()
             prefix.backward()
-    also = (f", or NLA_MERGE_SAMPLING=0 (sampling's merged weight copies hold "
-            f"{lora.merged_bytes(base.model) / 1e9:.1f} GB)" if lora.merge_wanted(base.model) else "")
+    def also():  # only for the message: not a walk over the modules at every step
+        return (f", or NLA_MERGE_SAMPLING=0 (sampling's merged weight copies hold "
+                f"{lora.merged_bytes(base.model) / 1e9:.1f} GB)" if lora.merge_wanted(base.model) else "")
     _, micro = fitting(ar_phase, micro, len(good), opt_ar, "AR", also)
     stats = score(pred, vecs, spec.mse_mean, G, valid=ok)
     ar_loss = (mse(pred[good], vecs[good].float()).sum() / n_good.clamp_min(1)).detach().cpu() if good else torch.tensor(0.0)

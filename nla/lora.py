@@ -131,14 +131,20 @@ class LoRALinear(nn.Module):
             g.x = g.z = None  # product extra outputs of a compiled step)
         return out
 
+    def prepared(self) -> tuple:
+        """The base's weight as kernels.nf4 reads it, () where it is not a 4-bit one: made once,
+        the base being frozen (as normal tensors, even if first asked for in inference mode, as
+        collect runs it)."""
+        if self.nf4 is None:
+            with torch.inference_mode(False), torch.no_grad():
+                self.nf4 = kernels.nf4_prepare(self.base) or ()
+        return self.nf4
+
     def _product(self, x):
         """x W^T (+ bias): a 4-bit weight through kernels.nf4 (its kernel where asked for, else
         bitsandbytes' op with the scales undone once; while sampling with its siblings where they
         are grouped), anything else through the base."""
-        if self.nf4 is None:  # once, the base being frozen (as normal tensors, even if first met in
-            with torch.inference_mode(False), torch.no_grad():  # inference mode, as collect runs it)
-                self.nf4 = kernels.nf4_prepare(self.base) or ()
-        if not self.nf4:
+        if not self.prepared():
             return self.base(x)
         y = self._from_group(x, self.nf4_group) if self.switch.fast or self.switch.pair else None
         return y if y is not None else kernels.nf4_linear(x, self.base, self.nf4)
@@ -202,8 +208,7 @@ def merged_bytes(model: nn.Module) -> int:
     """What the sampling copies of every adapted projection take: the weights in the dtype the
     model computes in (a 4-bit base's: its embeddings')."""
     dt = model.get_input_embeddings().weight.dtype
-    return sum(m.in_features * m.out_features * (m.base.weight.dtype if _full_precision(m) else dt).itemsize
-               for _, m in _wrapped(model))
+    return sum(m.in_features * m.out_features * _merge_dtype(m, dt).itemsize for _, m in _wrapped(model))
 
 
 def merge_wanted(model: nn.Module) -> bool:
@@ -357,8 +362,7 @@ def _prepare_nf4(model: nn.Module) -> None:
             g.allocate()
             g.reset(fused)
     for _, m in mods:  # every one, so a compiled step never meets the lazy preparation in _product
-        if m.nf4 is None:
-            m.nf4 = kernels.nf4_prepare(m.base) or ()
+        m.prepared()
 
 
 def _release(groups: list[_Siblings]) -> None:
@@ -380,10 +384,11 @@ def inference_weights(model: nn.Module, role: str | None, dtype: torch.dtype):
     if not merge and dtype == torch.float32:  # sw.fast stays off: the training path, merges unread
         yield
         return
-    if merge and "_nla_merge_said" not in model.__dict__ and not all(_full_precision(m) for _, m in _wrapped(model)):
-        model.__dict__["_nla_merge_said"] = True  # what the copies cost, said once
-        print(f"[nla] sampling from merged {str(dtype).removeprefix('torch.')} copies of the 4-bit weights "
-              f"({merged_bytes(model) / 1e9:.1f} GB; NLA_MERGE_SAMPLING=0 keeps the 4-bit path)", flush=True)
+    if merge and "_nla_merge_said" not in model.__dict__:  # what a 4-bit base's copies cost, said once
+        model.__dict__["_nla_merge_said"] = True
+        if not all(_full_precision(m) for _, m in _wrapped(model)):
+            print(f"[nla] sampling from merged {str(dtype).removeprefix('torch.')} copies of the 4-bit weights "
+                  f"({merged_bytes(model) / 1e9:.1f} GB; NLA_MERGE_SAMPLING=0 keeps the 4-bit path)", flush=True)
     groups = _groups(model) if merge else []
     fused = bool(groups) and _fused_wanted(groups[0].members[0].base.weight.device)
     with torch.no_grad():
@@ -424,9 +429,7 @@ def _merge(m: LoRALinear, a: Adapter, dtype: torch.dtype) -> None:
     if m.merged is None or (m.merged.dtype, m.merged.device) != (dtype, w.device):
         m.merged = torch.empty((m.out_features, m.in_features), dtype=dtype, device=w.device)
     if not _full_precision(m):
-        if not m.nf4:
-            m.nf4 = kernels.nf4_prepare(m.base) or ()
-        kernels.nf4.dequantize_into(m.merged, m.nf4)
+        kernels.nf4.dequantize_into(m.merged, m.prepared())
         w = m.merged
     torch.addmm(w, a.B.to(dtype), a.A.to(dtype), alpha=a.scale, out=m.merged)
 
